@@ -1,0 +1,28 @@
+# One command sets everything up on a fresh machine and runs the tests: `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup system-deps test demo clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first: the CPU build (pip would otherwise pull a multi-GB CUDA build as a dependency)
+setup: $(BIN)/python system-deps
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[train,space,test]"
+
+# Debian packages: Fashion-MNIST IDX files and Chromium for the browser tests (skipped where present)
+system-deps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist chromium >/dev/null; \
+	fi
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,87 @@
+"""Seed `training_losses`: the per-sample loss of one training step, shared by training and tests."""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model should predict under ``scheduler.config.prediction_type``: eps, x_0 or v."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    raise ValueError(f"Unknown prediction_type {kind!r}: use epsilon, sample or v_prediction.")
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the configured prediction type."""
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return clipped / snr
+    if kind == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped  # sample (x0) prediction
+
+
+def training_losses(
+    model,
+    scheduler,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: Optional[torch.Tensor] = None,
+    class_labels: Optional[torch.Tensor] = None,
+    snr_gamma: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-sample loss (B,): MSE between the model's output on x_t = q_sample(x0, t, noise) and the
+    scheduler's target (Ho et al. eq. 14 for eps), optionally Min-SNR weighted.
+
+    x_t is formed in float32 whatever the inputs' dtype, so mixed precision never loses the noise at
+    small t. With ``variance_type="learned_range"`` the second half of the output channels is trained
+    by the variational bound with a stopped-gradient mean (improved-diffusion's hybrid loss).
+    """
+    x0 = x0.float()
+    noise = torch.randn_like(x0) if noise is None else noise.float()
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    output = model(x_t, timesteps, class_labels=class_labels).sample.float()
+    channels = x0.shape[1]
+    learned = output.shape[1] == 2 * channels
+    prediction = output[:, :channels]
+    target = training_target(scheduler, x0, noise, timesteps)
+    loss = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        loss = loss * min_snr_weights(scheduler, timesteps, snr_gamma)
+    if learned:
+        vlb = _variance_vlb(scheduler, x0, x_t, timesteps, prediction.detach(), output[:, channels:])
+        loss = loss + vlb * scheduler.config.num_train_timesteps / 1000.0
+    return loss
+
+
+def _variance_vlb(scheduler, x0, x_t, timesteps, prediction, variance_values):
+    """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dimension, only the variance trained
+    (Nichol & Dhariwal 2021, section 3.1); the t = 0 decoder term is left out (weight 0)."""
+    abar_table = scheduler.alphas_cumprod.to(x0.device)
+    t = timesteps.long()
+    abar = abar_table[t].float().view(-1, 1, 1, 1)
+    abar_prev = torch.where(t > 0, abar_table[(t - 1).clamp(min=0)], torch.ones_like(abar_table[t])).float().view(-1, 1, 1, 1)
+    beta = 1 - abar / abar_prev
+    post_var = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20)
+    post_mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)) * x_t
+    kind = scheduler.config.prediction_type
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    x0_hat = {"epsilon": (x_t - s * prediction) / a, "sample": prediction, "v_prediction": a * x_t - s * prediction}[kind]
+    model_mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0_hat + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)) * x_t
+    frac = (variance_values + 1) / 2
+    model_logvar = frac * beta.clamp(min=1e-20).log() + (1 - frac) * post_var.log()
+    kl = 0.5 * (-1.0 + model_logvar - post_var.log() + post_var / model_logvar.exp()
+                + (post_mean - model_mean) ** 2 / model_logvar.exp())
+    kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+    return torch.where(t > 0, kl, torch.zeros_like(kl))
