@@ -1,0 +1,178 @@
+"""The scheduler against diffusers' own DDPMScheduler and DDIMScheduler (the independent reference)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from pipeline_ddpm_custom import DDPMCustomScheduler
+
+from .conftest import public_config
+
+SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+VARIANCES = ["fixed_small", "fixed_large", "learned_range"]
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+
+
+def oracle_output(x_t, t, x0_target, prediction_type, alphas_cumprod):
+    """What a perfect model that knows x_0 would output at (x_t, t): keeps long chains bounded, so
+    differences between the schedulers show up instead of being swamped by blow-up."""
+    a, s = alphas_cumprod[t].sqrt(), (1 - alphas_cumprod[t]).sqrt()
+    eps = (x_t - a * x0_target) / s
+    return {"epsilon": eps, "sample": x0_target, "v_prediction": a * eps - s * x0_target}[prediction_type]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_add_noise_and_velocity_match_diffusers(schedule):
+    ours, ref = DDPMCustomScheduler(beta_schedule=schedule), DDPMScheduler(beta_schedule=schedule)
+    x0, noise = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.get_velocity(x0, noise, t), ref.get_velocity(x0, noise, t), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.alphas_cumprod.float(), ref.alphas_cumprod, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule,variance,prediction", list(itertools.product(SCHEDULES, VARIANCES, PREDICTIONS)))
+@pytest.mark.parametrize("clip", [True, False])
+def test_full_ddpm_chain_matches_diffusers(schedule, variance, prediction, clip):
+    config = dict(beta_schedule=schedule, variance_type=variance, prediction_type=prediction, clip_sample=clip)
+    ours, ref = DDPMCustomScheduler(**config), DDPMScheduler(**config)
+    gen = torch.Generator().manual_seed(0)
+    x0_target = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
+    x = y = torch.randn(2, 3, 8, 8, generator=gen)
+    g_ours, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(ours.timesteps, ref.timesteps) and len(ref.timesteps) == 1000
+    for t in ref.timesteps:
+        out_x = oracle_output(x, t, x0_target, prediction, ref.alphas_cumprod)
+        out_y = oracle_output(y, t, x0_target, prediction, ref.alphas_cumprod)
+        if variance == "learned_range":
+            v = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
+            out_x, out_y = torch.cat([out_x, v], 1), torch.cat([out_y, v], 1)
+        step_ours = ours.step(out_x, t, x, generator=g_ours)
+        step_ref = ref.step(out_y, t, y, generator=g_ref)
+        x, y = step_ours.prev_sample, step_ref.prev_sample
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step_ours.pred_original_sample, step_ref.pred_original_sample, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_ddim_chain_matches_diffusers(spacing, steps, eta, prediction):
+    config = dict(timestep_spacing=spacing, prediction_type=prediction)
+    ours, ref = DDPMCustomScheduler(**config), DDIMScheduler(**config)
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    gen = torch.Generator().manual_seed(0)
+    x = y = torch.randn(2, 3, 8, 8, generator=gen)
+    g_ours, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in ref.timesteps:
+        out = torch.randn(2, 3, 8, 8, generator=gen)
+        x = ours.step(out, t, x, eta=eta, generator=g_ours).prev_sample
+        # ours takes DDIM's direction from the eps consistent with the clipped x0 (improved-diffusion)
+        y = ref.step(out, t, y, eta=eta, generator=g_ref, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_eta_one_on_full_chain_is_ddpm_and_eta_zero_is_deterministic():
+    s = DDPMCustomScheduler(num_train_timesteps=50)
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    a = s.step(out, 30, x, eta=0.0, generator=torch.Generator().manual_seed(0)).prev_sample
+    b = s.step(out, 30, x, eta=0.0, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert torch.equal(a, b)
+    c = s.step(out, 30, x, eta=1.0, generator=torch.Generator().manual_seed(0)).prev_sample
+    d = s.step(out, 30, x, eta=1.0, generator=torch.Generator().manual_seed(1)).prev_sample
+    assert not torch.allclose(c, d)
+    # eta=1 through the DDIM formula equals the DDPM posterior step (fixed_small): same mean, same noise
+    e = s.step(out, 30, x, eta=0.999999999, generator=torch.Generator().manual_seed(0)).prev_sample
+    torch.testing.assert_close(c, e, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [7, 50, 333])
+def test_respaced_chain_reproduces_alphas_cumprod(spacing, steps):
+    s = DDPMCustomScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing=spacing)
+    s.set_timesteps(steps)
+    kept = s.timesteps.flip(0)
+    # improved-diffusion's space_timesteps: new betas from consecutive kept alphas_cumprod
+    last, expected = 1.0, []
+    for abar in s.alphas_cumprod[kept].tolist():
+        expected.append(1 - abar / last)
+        last = abar
+    betas = s.respaced_betas()
+    np.testing.assert_allclose(betas.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(torch.cumprod(1 - betas, 0).numpy(), s.alphas_cumprod[kept].numpy(), rtol=1e-8)
+    # and the step uses the chain's previous timestep, not t - T // n (step counts that do not divide T)
+    for t, prev in zip(s.timesteps[:-1].tolist(), s.timesteps[1:].tolist()):
+        assert s.previous_timestep(t) == prev
+    assert s.previous_timestep(s.timesteps[-1]) == -1
+
+
+def test_fp16_add_noise_keeps_noise_at_t0():
+    s = DDPMCustomScheduler()
+    x0 = torch.zeros(2, 1, 4, 4, dtype=torch.float16)
+    noise = torch.ones(2, 1, 4, 4, dtype=torch.float16)
+    x_t = s.add_noise(x0, noise, torch.tensor([0, 1]))
+    assert x_t.dtype == torch.float16
+    expected = (1 - s.alphas_cumprod[[0, 1]]).sqrt().float()
+    torch.testing.assert_close(x_t[:, 0, 0, 0].float(), expected, rtol=1e-3, atol=0)
+    assert (x_t > 0).all()
+
+
+def test_config_round_trip_and_interop(tmp_path):
+    s = DDPMCustomScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing")
+    s.save_pretrained(tmp_path)
+    loaded = DDPMCustomScheduler.from_pretrained(tmp_path)
+    assert public_config(loaded.config) == public_config(s.config)
+    torch.testing.assert_close(loaded.alphas_cumprod, s.alphas_cumprod)
+    # diffusers schedulers read our config and back
+    ddim = DDIMScheduler.from_config(s.config)
+    assert ddim.config.prediction_type == "v_prediction"
+    back = DDPMCustomScheduler.from_config(DDPMScheduler(beta_schedule="sigmoid").config)
+    assert back.config.beta_schedule == "sigmoid"
+    assert DPMSolverMultistepScheduler in s.compatibles and len(s) == 1000 and s.order == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(beta_schedule="cosine"), "beta_schedule"),
+        (dict(variance_type="learned"), "variance_type"),
+        (dict(prediction_type="noise"), "prediction_type"),
+        (dict(timestep_spacing="even"), "timestep_spacing"),
+        (dict(trained_betas=[0.1, 0.2]), "trained_betas"),
+    ],
+)
+def test_bad_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DDPMCustomScheduler(**kwargs)
+
+
+def test_bad_calls_raise():
+    s = DDPMCustomScheduler(num_train_timesteps=100)
+    with pytest.raises(ValueError, match="1 to 100"):
+        s.set_timesteps(101)
+    with pytest.raises(ValueError, match="1 to 100"):
+        s.set_timesteps(0)
+    with pytest.raises(ValueError, match="descending"):
+        s.set_timesteps(timesteps=[10, 20])
+    with pytest.raises(ValueError, match="out of range"):
+        s.step(torch.zeros(1, 1, 2, 2), 100, torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"lie in \[0, 99\]"):
+        s.add_noise(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([-1]))
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match="not in this scheduler's chain"):
+        s.step(torch.zeros(1, 1, 2, 2), 55, torch.zeros(1, 1, 2, 2))
+    learned = DDPMCustomScheduler(variance_type="learned_range")
+    with pytest.raises(ValueError, match="2x the sample's channels"):
+        learned.step(torch.zeros(1, 1, 2, 2), 5, torch.zeros(1, 1, 2, 2))
+
+
+def test_thresholding_bounds_x0():
+    s = DDPMCustomScheduler(thresholding=True, sample_max_value=3.0, prediction_type="sample")
+    out = s.step(torch.randn(2, 1, 8, 8) * 10, 500, torch.zeros(2, 1, 8, 8))
+    assert out.pred_original_sample.abs().max() <= 1.0 + 1e-6
