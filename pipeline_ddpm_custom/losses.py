@@ -21,15 +21,17 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps:
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the configured prediction type."""
-    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    abar = scheduler.alphas_cumprod[timesteps.cpu()]  # float64: 1 - abar at t = 0 needs the digits
     snr = abar / (1 - abar)
     clipped = snr.clamp(max=gamma)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
-        return clipped / snr
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped  # sample (x0) prediction
+        weights = clipped / snr
+    elif kind == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:  # sample (x0) prediction
+        weights = clipped
+    return weights.float().to(timesteps.device)
 
 
 def training_losses(

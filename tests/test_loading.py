@@ -1,0 +1,109 @@
+"""The three ways to load a saved pipeline, each in a fresh process."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from pipeline_ddpm_custom import DDPMCustomPipeline
+
+from .conftest import tiny_pipeline
+
+HIDE_PACKAGE = "import sys; sys.modules['pipeline_ddpm_custom'] = None  # the package is not importable\n"
+GENERATE = "import numpy as np, torch; np.save({out!r}, pipe(batch_size=2, num_inference_steps=5, output_type='np', generator=torch.Generator().manual_seed(0)).images)\n"
+
+
+def run_python(code: str, tmp_path):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture
+def saved(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    return pipe, tmp_path / "pipe"
+
+
+def test_saved_layout_is_remote_code(saved):
+    _, folder = saved
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_ddpm_custom", "DDPMCustomPipeline"]
+    assert index["unet"] == ["unet_ddpm_custom", "DDPMCustomUNet"]
+    assert index["scheduler"] == ["scheduling_ddpm_custom", "DDPMCustomScheduler"]
+    for path in ("pipeline_ddpm_custom.py", "unet/unet_ddpm_custom.py", "scheduler/scheduling_ddpm_custom.py",
+                 "unet/diffusion_pytorch_model.safetensors", "unet/config.json", "scheduler/scheduler_config.json"):
+        assert (folder / path).is_file(), path
+
+
+def expected_images(pipe, tmp_path):
+    import torch
+
+    return pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_path1_package_class(saved, tmp_path):
+    pipe, folder = saved
+    out = tmp_path / "p1.npy"
+    run_python(f"from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomUNet\n"
+               f"pipe = DDPMCustomPipeline.from_pretrained({str(folder)!r})\n"
+               "assert type(pipe.unet) is DDPMCustomUNet, type(pipe.unet)\n" + GENERATE.format(out=str(out)), tmp_path)
+    np.testing.assert_allclose(np.load(out), expected_images(pipe, tmp_path), atol=1e-6)
+
+
+def test_path2_remote_code_without_the_package(saved, tmp_path):
+    pipe, folder = saved
+    out = tmp_path / "p2.npy"
+    run_python(HIDE_PACKAGE + "from diffusers import DiffusionPipeline\n"
+               f"pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+               "assert type(pipe).__module__.startswith('diffusers_modules'), type(pipe)\n"
+               + GENERATE.format(out=str(out)), tmp_path)
+    np.testing.assert_allclose(np.load(out), expected_images(pipe, tmp_path), atol=1e-6)
+
+
+def test_path2_refuses_without_trust(saved, tmp_path):
+    _, folder = saved
+    result = subprocess.run([sys.executable, "-c", HIDE_PACKAGE + "from diffusers import DiffusionPipeline\n"
+                             f"DiffusionPipeline.from_pretrained({str(folder)!r})"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300)
+    assert result.returncode != 0 and "trust_remote_code" in result.stderr
+
+
+def test_path3_resave_remote_loaded_pipeline(saved, tmp_path):
+    pipe, folder = saved
+    out = tmp_path / "p3.npy"
+    run_python(HIDE_PACKAGE + "from diffusers import DiffusionPipeline\n"
+               f"first = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+               f"first.save_pretrained({str(tmp_path / 'again')!r})\n"
+               f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True)\n"
+               + GENERATE.format(out=str(out)), tmp_path)
+    index = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert index["unet"] == ["unet_ddpm_custom", "DDPMCustomUNet"]
+    np.testing.assert_allclose(np.load(out), expected_images(pipe, tmp_path), atol=1e-6)
+
+
+def test_swapped_diffusers_scheduler_is_saved_as_diffusers(tmp_path):
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "ddim")
+    index = json.loads((tmp_path / "ddim" / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    loaded = DDPMCustomPipeline.from_pretrained(tmp_path / "ddim")
+    assert isinstance(loaded.scheduler, DDIMScheduler)
+
+
+def test_fp16_variant_and_dtype(tmp_path):
+    import torch
+
+    pipe = tiny_pipeline()
+    pipe.to(torch.float16).save_pretrained(tmp_path / "v", variant="fp16")
+    assert (tmp_path / "v" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    loaded = DDPMCustomPipeline.from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.float32)
+    assert loaded.unet.dtype == torch.float32

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from PIL import Image
+
+from .conftest import tiny_pipeline
+
+
+def run(pipe, seed=0, **kwargs):
+    kwargs.setdefault("output_type", "np")
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def test_same_seed_same_images_as_diffusers_ddpm_pipeline(pipe):
+    """Noise is drawn exactly as diffusers draws it: DDPMPipeline + DDPMScheduler gives the same images."""
+    ref = DDPMPipeline(unet=pipe.unet, scheduler=DDPMScheduler(num_train_timesteps=100))
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=100, output_type="np").images
+    ours = run(pipe, seed=3, batch_size=2, num_inference_steps=100)
+    # float64 tables (ours) vs float32 (diffusers) differ by ~1e-5 per chain: far below one 8-bit grey level
+    np.testing.assert_allclose(ours, expected, atol=0.25 / 255)
+    assert not np.allclose(ours, run(pipe, seed=4, batch_size=2, num_inference_steps=100), atol=0.1)
+
+
+def test_determinism_by_seed(pipe):
+    a, b, c = run(pipe, 1, batch_size=2, num_inference_steps=10), run(pipe, 1, batch_size=2, num_inference_steps=10), run(pipe, 2, batch_size=2, num_inference_steps=10)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_generator_list_gives_each_sample_its_own_seed(pipe):
+    batch = pipe(batch_size=3, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)],
+                 num_inference_steps=10, eta=1.0, output_type="np").images
+    for i, seed in enumerate((5, 6, 7)):
+        single = run(pipe, seed, batch_size=1, num_inference_steps=10, eta=1.0)
+        np.testing.assert_allclose(batch[i : i + 1], single, atol=1e-5)
+    with pytest.raises(ValueError, match="one per image"):
+        pipe(batch_size=2, generator=[torch.Generator()])
+
+
+def test_output_types(pipe):
+    pil = pipe(batch_size=2, num_inference_steps=2, output_type="pil").images
+    assert len(pil) == 2 and isinstance(pil[0], Image.Image) and pil[0].size == (8, 8) and pil[0].mode == "L"
+    arr = run(pipe, batch_size=2, num_inference_steps=2)
+    assert arr.shape == (2, 8, 8, 1) and arr.min() >= 0 and arr.max() <= 1
+    pt = run(pipe, batch_size=2, num_inference_steps=2, output_type="pt")
+    assert isinstance(pt, torch.Tensor) and pt.shape == (2, 1, 8, 8)
+    tup = pipe(num_inference_steps=2, output_type="np", return_dict=False)
+    assert isinstance(tup, tuple) and tup[0].shape == (1, 8, 8, 1)
+
+
+def test_callback_sees_every_step_and_can_replace_latents(pipe):
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, int(t), tuple(tensors)))
+        assert tensors["pred_original_sample"].shape == tensors["latents"].shape
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 4 else {}
+
+    images = run(pipe, batch_size=1, num_inference_steps=5, callback_on_step_end=callback,
+                 callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"])
+    assert [s[0] for s in seen] == list(range(5))
+    assert [s[1] for s in seen] == pipe.scheduler.timesteps.tolist()
+    np.testing.assert_allclose(images, 0.5)  # zero latents -> mid-grey
+    with pytest.raises(ValueError, match="unknown"):
+        pipe(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_img2img_strength(pipe):
+    image = np.random.default_rng(0).random((8, 8, 1)).astype(np.float32)
+    same = run(pipe, image=image, strength=0.0, num_inference_steps=10)
+    np.testing.assert_allclose(same[0], image, atol=1e-6)
+    steps = []
+    run(pipe, image=image, strength=0.5, num_inference_steps=10, callback_on_step_end=lambda p, i, t, k: steps.append(int(t)) or {})
+    assert steps == pipe.scheduler.timesteps[5:].tolist()
+    pil = Image.fromarray((image[:, :, 0] * 255).astype(np.uint8))
+    out = run(pipe, image=[pil, pil], strength=0.3, num_inference_steps=10)
+    assert out.shape == (2, 8, 8, 1)
+    with pytest.raises(ValueError, match="strength"):
+        pipe(image=image, strength=1.5)
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_swapped_diffusers_schedulers_follow_their_contract(pipe, scheduler_cls):
+    """The pipeline's loop equals the canonical loop written out here: init_noise_sigma, scale_model_input, step."""
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    ours = run(pipe, 4, batch_size=2, num_inference_steps=8, eta=0.0, output_type="pt")
+    scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(8)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn((2, 1, 8, 8), generator=gen) * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = pipe.unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(out, t, x, **({"generator": gen} if scheduler_cls is not DDIMScheduler else {"eta": 0.0})).prev_sample
+    torch.testing.assert_close(ours, (x / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_classifier_free_guidance():
+    pipe = tiny_pipeline(num_class_embeds=3)
+    plain = run(pipe, batch_size=2, num_inference_steps=5, class_labels=[0, 1])
+    guided = run(pipe, batch_size=2, num_inference_steps=5, class_labels=[0, 1], guidance_scale=3.0)
+    other = run(pipe, batch_size=2, num_inference_steps=5, class_labels=2)
+    assert not np.allclose(plain, guided) and not np.allclose(plain, other)
+    unconditional = run(pipe, batch_size=2, num_inference_steps=5)  # no labels: the null class
+    assert unconditional.shape == plain.shape
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        pipe(class_labels=3)
+    with pytest.raises(ValueError, match="one label or one per image"):
+        pipe(batch_size=3, class_labels=[0, 1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(batch_size=0), "positive integer"),
+        (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(output_type="latent"), "output_type"),
+        (dict(class_labels=1), "unconditional"),
+        (dict(num_inference_steps=101), "1 to 100"),
+        (dict(latents=torch.zeros(1, 3, 8, 8)), "latents must have shape"),
+    ],
+)
+def test_bad_arguments_raise(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
