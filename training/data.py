@@ -1,0 +1,124 @@
+"""Training data: a ``datasets.Dataset`` with an image column (and optionally a label column),
+transformed to tensors in [-1, 1] with the model's channel count."""
+
+import gzip
+import os
+import struct
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Features, Image, load_dataset, load_from_disk
+from PIL import Image as PILImage
+
+FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+FASHION_MNIST_CLASSES = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (the MNIST format, optionally gzipped) as a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
+        return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
+
+
+def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train") -> Dataset:
+    """Fashion-MNIST from its original IDX files, with the Hub dataset's schema (image, label)."""
+    prefix = "train" if split == "train" else "t10k"
+
+    def find(kind):
+        for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz", f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"):
+            if os.path.exists(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        raise FileNotFoundError(f"No {prefix} {kind} IDX file in {folder}.")
+
+    images, labels = read_idx(find("images")), read_idx(find("labels"))
+    features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
+    return Dataset.from_dict({"image": [PILImage.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=features)
+
+
+def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[str], split: str = "train", cache_dir=None) -> Dataset:
+    """The training split from a Hub id, a ``save_to_disk`` folder, parquet files or an image folder;
+    Fashion-MNIST (local IDX files when present, else the Hub) when neither is given."""
+    if train_data_dir:
+        if not os.path.isdir(train_data_dir):
+            raise ValueError(f"--train_data_dir {train_data_dir} is not a folder of images.")
+        return load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
+    if dataset_name is None:
+        if os.path.isdir(FASHION_MNIST_IDX):
+            return fashion_mnist_from_idx(FASHION_MNIST_IDX, split)
+        dataset_name = FASHION_MNIST_HUB
+    if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_info.json")):
+        return load_from_disk(dataset_name)
+    if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_dict.json")):
+        return load_from_disk(dataset_name)[split]
+    if dataset_name.endswith(".parquet") or (os.path.isdir(dataset_name) and any(f.endswith(".parquet") for f in os.listdir(dataset_name))):
+        files = dataset_name if dataset_name.endswith(".parquet") else os.path.join(dataset_name, "*.parquet")
+        return load_dataset("parquet", data_files={split: files}, split=split, cache_dir=cache_dir)
+    return load_dataset(dataset_name, split=split, cache_dir=cache_dir)
+
+
+def pick_columns(dataset: Dataset, image_column: Optional[str], label_column: Optional[str], need_label: bool) -> Tuple[str, Optional[str]]:
+    """The image (and label) column: as given, or the only one of its kind; a clear error otherwise."""
+    columns = dataset.column_names
+
+    def choose(given, candidates, kind, flag):
+        if given is not None:
+            if given not in columns:
+                raise ValueError(f"--{flag} {given!r} is not a column of the dataset; its columns are {columns}.")
+            return given
+        if len(candidates) == 1:
+            return candidates[0]
+        raise ValueError(
+            f"Cannot tell which column holds the {kind}: candidates {candidates or 'none'} among {columns}. Pass --{flag}."
+        )
+
+    images = [c for c, f in dataset.features.items() if isinstance(f, Image)]
+    image = choose(image_column, images, "images", "image_column")
+    if not need_label:
+        return image, None
+    labels = [c for c, f in dataset.features.items() if isinstance(f, ClassLabel)] or [c for c in columns if c in ("label", "labels")]
+    return image, choose(label_column, labels, "class labels", "label_column")
+
+
+def num_classes(dataset: Dataset, label_column: str) -> int:
+    feature = dataset.features[label_column]
+    return feature.num_classes if isinstance(feature, ClassLabel) else int(max(dataset[label_column])) + 1
+
+
+def image_channels(dataset: Dataset, image_column: str) -> int:
+    """1 for grayscale datasets, 3 otherwise (judged by the first image)."""
+    return 1 if dataset[0][image_column].mode in ("L", "1", "I", "I;16", "F") else 3
+
+
+def make_transform(image_column: str, label_column: Optional[str], resolution: int, channels: int):
+    """A ``with_transform`` function: PIL images -> float tensors (C, H, W) in [-1, 1]; labels -> ints.
+    (Random flips happen in the training step, from its per-step seed, so a resumed run flips alike.)"""
+    mode = "L" if channels == 1 else "RGB"
+
+    def transform(batch):
+        pixels = []
+        for image in batch[image_column]:
+            image = image.convert(mode)
+            if image.size != (resolution, resolution):
+                image = image.resize((resolution, resolution), PILImage.BICUBIC)
+            array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+            pixels.append(array[None] if channels == 1 else array.permute(2, 0, 1))
+        out = {"pixel_values": pixels}
+        if label_column is not None:
+            out["labels"] = list(batch[label_column])
+        return out
+
+    return transform
+
+
+def collate(examples):
+    batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous()}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([int(e["labels"]) for e in examples])
+    return batch

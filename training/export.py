@@ -1,0 +1,81 @@
+"""Export: the pipeline folder users download (EMA weights, raw weights as a variant, model card,
+sample grid, training configuration), and its upload to the Hub."""
+
+import json
+import os
+from typing import List, Optional
+
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+# what belongs on the Hub; checkpoints/ and logs/ stay local
+EXPORTED_PATTERNS = ["model_index.json", "*.py", "unet/*", "scheduler/*", "README.md", "samples.png", "denoising.gif",
+                     "training_config.json", "metrics.json"]
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A DDPM (Ho et al., 2020) trained with [pipeline-ddpm-custom](https://pypi.org/project/pipeline-ddpm-custom/)'s
+`accelerate` script{{ dataset_sentence }}. The weights are the EMA weights; the raw weights are the
+`non_ema` variant.
+
+![samples](samples.png)
+
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+images = pipe(batch_size=16, num_inference_steps=50, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+```
+
+With `pip install pipeline-ddpm-custom`, `pipeline_ddpm_custom.DDPMCustomPipeline.from_pretrained("{{ repo_id }}")`
+loads it without remote code.
+
+## Training configuration
+
+```json
+{{ config_json }}
+```
+{{ metrics_section }}
+"""
+
+
+def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
+                     license: str = "apache-2.0", tags: Optional[List[str]] = None) -> str:
+    """README.md with the Hub metadata (library, pipeline tag, license, dataset, tags), the training
+    configuration, the sample grid and any metrics."""
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation",
+        license=license,
+        datasets=[dataset] if dataset else None,
+        tags=["diffusers", "ddpm", "pipeline-ddpm-custom", "unconditional-image-generation"] + list(tags or []),
+    )
+    metrics_section = ""
+    if metrics:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
+        metrics_section = f"\n## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n"
+    card = ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        title=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        dataset_sentence=f" on `{dataset}`" if dataset else "",
+        config_json=json.dumps(config, indent=2, sort_keys=True, default=str),
+        metrics_section=metrics_section,
+    )
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path
+
+
+def push_folder(folder: str, repo_id: str, private: bool = False, token: Optional[str] = None, commit_message: str = "Upload DDPM pipeline"):
+    """Create the repo if needed and upload the exported pipeline files (never checkpoints or logs)."""
+    repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    return upload_folder(repo_id=repo_id, folder_path=folder, token=token, commit_message=commit_message,
+                         allow_patterns=EXPORTED_PATTERNS)

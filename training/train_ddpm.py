@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""Train a DDPM: ``accelerate launch training/train_ddpm.py --output_dir DIR [options]``.
+
+One process or many (``--multi_gpu --num_processes N``), fp32 / fp16 / bf16, gradient accumulation,
+EMA, atomic checkpoints with exact resume, validation grids from the EMA weights, export of a
+pipeline that loads three ways, and an optional push to the Hub.
+
+Reproducibility: all randomness of a training micro-step (noise, timesteps, flips, condition
+dropping, dropout) comes from a seed derived from (--seed, micro-step, rank), and the data order
+from accelerate's seedable sampler (--seed + epoch). A resumed run therefore needs only the saved
+weights, optimizer, EMA and data position to continue exactly as the uninterrupted run.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python training/train_ddpm.py` from a checkout
+
+from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
+from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
+from pipeline_ddpm_custom.pictures import grid  # noqa: E402
+from training import checkpoints, data, export  # noqa: E402
+
+logger = get_logger("train_ddpm")
+LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub id, save_to_disk folder or parquet file(s); default Fashion-MNIST")
+    g.add_argument("--train_data_dir", default=None, help="a folder of images (datasets' imagefolder)")
+    g.add_argument("--dataset_split", default="train")
+    g.add_argument("--image_column", default=None, help="auto-detected when only one column holds images")
+    g.add_argument("--label_column", default=None, help="auto-detected when only one column holds class labels")
+    g.add_argument("--max_train_samples", type=int, default=None, help="train on the first N examples (quick runs)")
+    g.add_argument("--resolution", type=int, default=28)
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_dir", default=None)
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--model_config", default=None, help="JSON file of DDPMCustomUNet arguments (overrides the size options)")
+    g.add_argument("--base_channels", type=int, default=64)
+    g.add_argument("--channel_mult", default="1,2,2", help="width multiplier per level, comma-separated")
+    g.add_argument("--num_res_blocks", type=int, default=2)
+    g.add_argument("--attention_resolutions", default="14", help="feature-map sizes with self-attention, comma-separated ('' for none)")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+    g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is the paper's choice)")
+    g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
+    g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=64, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_epochs")
+    g.add_argument("--num_epochs", type=int, default=10)
+    g.add_argument("--learning_rate", type=float, default=2e-4)
+    g.add_argument("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS)
+    g.add_argument("--lr_warmup_steps", type=int, default=500, help="in optimizer steps")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate config")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20, help="stop after this many non-finite losses in a row")
+    g = p.add_argument_group("EMA")
+    g.add_argument("--ema_max_decay", type=float, default=0.9999)
+    g.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    g.add_argument("--ema_power", type=float, default=3 / 4)
+    g = p.add_argument_group("progress, validation and checkpoints")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--validation_steps", type=int, default=1000, help="0 disables validation grids")
+    g.add_argument("--num_validation_images", type=int, default=16)
+    g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps for validation grids")
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder anywhere")
+    g.add_argument("--export_at_checkpoints", action="store_true", help="also export the pipeline at every checkpoint")
+    g = p.add_argument_group("Hub")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None, help="user/name (default: the output folder's name)")
+    g.add_argument("--hub_private_repo", action="store_true")
+    g.add_argument("--hub_token", default=None)
+    g.add_argument("--license", default="apache-2.0")
+    return validate_args(p.parse_args(argv))
+
+
+def int_list(text: str, flag: str):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}.")
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Every mistake found here is reported before any data is loaded or model built."""
+    if args.dataset_name and args.train_data_dir:
+        raise ValueError("Pass --dataset_name or --train_data_dir, not both.")
+    positive = ["train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_timesteps", "num_epochs",
+                "logging_steps", "checkpointing_steps", "num_validation_images", "validation_inference_steps"]
+    for name in positive + ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
+    if args.validation_steps < 0 or args.lr_warmup_steps < 0:
+        raise ValueError("--validation_steps and --lr_warmup_steps must be >= 0.")
+    if not 0.0 <= args.cond_drop_prob < 1.0:
+        raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    if args.validation_inference_steps > args.num_train_timesteps:
+        raise ValueError("--validation_inference_steps cannot exceed --num_train_timesteps.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no).")
+    if args.model_config and not os.path.isfile(args.model_config):
+        raise ValueError(f"--model_config {args.model_config} does not exist.")
+    args.channel_mult = int_list(args.channel_mult, "--channel_mult")
+    args.attention_resolutions = int_list(args.attention_resolutions, "--attention_resolutions")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpoints.resolve_resume(args.resume_from_checkpoint, "")  # raises if it is not a checkpoint
+    return args
+
+
+def build_unet(args, channels: int, num_classes) -> DDPMCustomUNet:
+    config = dict(sample_size=args.resolution, in_channels=channels, base_channels=args.base_channels,
+                  channel_mult=args.channel_mult, num_res_blocks=args.num_res_blocks,
+                  attention_resolutions=args.attention_resolutions, dropout=args.dropout)
+    if args.model_config:
+        with open(args.model_config) as f:
+            config.update(json.load(f))
+    if config["in_channels"] != channels:
+        raise ValueError(f"The model config says in_channels={config['in_channels']} but the images are converted to {channels} channels.")
+    if config.get("sample_size") != args.resolution:
+        raise ValueError(f"The model's sample_size {config.get('sample_size')} differs from --resolution {args.resolution}.")
+    config["num_class_embeds"] = num_classes
+    return DDPMCustomUNet(**config)
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The seed of one micro-step on one rank: a pure function, so a resumed run draws the same numbers."""
+    return (seed * 1_000_003 + micro_step * 8191 + rank) % (2**63 - 1)
+
+
+@torch.no_grad()
+def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
+    """Every rank samples its share of the grid from the EMA weights (nobody waits idle, no timeouts),
+    rank 0 assembles, saves and logs it. Returns the grid on rank 0."""
+    model = accelerator.unwrap_model(unet)
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    model.eval()
+    try:
+        pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler.from_config(noise_scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+        indices = list(range(args.num_validation_images))
+        with accelerator.split_between_processes(indices) as mine:
+            images = []
+            if mine:
+                labels = [i % model.config.num_class_embeds for i in mine] if model.config.num_class_embeds else None
+                with accelerator.autocast():
+                    images = pipe(batch_size=len(mine), generator=[torch.Generator().manual_seed(i) for i in mine],
+                                  num_inference_steps=args.validation_inference_steps, eta=0.0, class_labels=labels).images
+        images = gather_object(images)
+    finally:
+        ema.restore(model.parameters())
+        model.train()
+    if not accelerator.is_main_process:
+        return None
+    picture = grid(images)
+    folder = os.path.join(args.output_dir, "logs", "samples")
+    os.makedirs(folder, exist_ok=True)
+    picture.save(os.path.join(folder, f"step-{step:07d}.png"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation/samples", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+    return picture
+
+
+def check_ranks_in_sync(accelerator, unet, ema) -> None:
+    """Weights and EMA must be identical on every rank; a silent divergence would waste the run."""
+    model = accelerator.unwrap_model(unet)
+    fingerprint = torch.stack([
+        sum(p.double().sum() for p in model.parameters()),
+        sum(p.double().sum() for p in ema.shadow_params),
+    ]).to(accelerator.device)
+    everyone = accelerator.gather(fingerprint[None]).reshape(-1, 2)
+    if not torch.all(everyone == everyone[0]):
+        raise RuntimeError(f"Ranks disagree on the weights or EMA: {everyone.tolist()}")
+    logger.info(f"weights and EMA identical on all {accelerator.num_processes} ranks", main_process_only=True)
+
+
+def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record, sample_grid):
+    """output_dir/: the EMA pipeline (raw weights as the `non_ema` variant), model card, samples."""
+    model = accelerator.unwrap_model(unet)
+    pipe = DDPMCustomPipeline(unet=model, scheduler=noise_scheduler)
+    pipe.save_pretrained(args.output_dir, variant="non_ema")
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        pipe.save_pretrained(args.output_dir)
+    finally:
+        ema.restore(model.parameters())
+    if sample_grid is not None:
+        sample_grid.save(os.path.join(args.output_dir, "samples.png"))
+    with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
+        json.dump(config_record, f, indent=2, sort_keys=True, default=str)
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    dataset = args.dataset_name or (None if args.train_data_dir else data.FASHION_MNIST_HUB)
+    export.write_model_card(args.output_dir, repo_id, config_record, dataset, license=args.license)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    checkpoints_dir = os.path.join(args.output_dir, "checkpoints")
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)
+
+    # ---- data ---------------------------------------------------------------------------------
+    with accelerator.main_process_first():  # rank 0 downloads / converts first, the others reuse its cache
+        dataset = data.load_training_dataset(args.dataset_name, args.train_data_dir, args.dataset_split, args.cache_dir)
+    if args.max_train_samples:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    image_column, label_column = data.pick_columns(dataset, args.image_column, args.label_column, args.class_conditional)
+    num_classes = data.num_classes(dataset, label_column) if args.class_conditional else None
+    channels = data.image_channels(dataset, image_column)
+    if args.model_config:
+        with open(args.model_config) as f:
+            channels = json.load(f).get("in_channels", channels)
+    dataset.set_transform(data.make_transform(image_column, label_column, args.resolution, channels))
+    global_batch = args.train_batch_size * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch ({global_batch}): lower --train_batch_size.")
+    if len(dataset) < 1000:
+        logger.warning(f"Only {len(dataset)} training images: expect memorisation (samples copying the training set).")
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=data.collate,
+                        num_workers=args.dataloader_num_workers, drop_last=True)
+
+    # ---- model, diffusion, optimisation -------------------------------------------------------
+    unet = build_unet(args, channels, num_classes)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    noise_scheduler = DDPMCustomScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                                          prediction_type=args.prediction_type)
+    ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                   power=args.ema_power, model_cls=DDPMCustomUNet, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay)
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    ema.to(accelerator.device)
+
+    # counted in optimizer steps on each process (the LR scheduler is stepped by us, once per step)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_train_steps)
+    accelerator.register_for_checkpointing(lr_scheduler, ema)
+
+    config_record = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    config_record.update(num_processes=accelerator.num_processes, global_batch_size=global_batch * args.gradient_accumulation_steps,
+                         resolved_max_train_steps=max_train_steps, num_classes=num_classes, image_column=image_column,
+                         label_column=label_column, channels=channels, mixed_precision=accelerator.mixed_precision,
+                         num_parameters=sum(p.numel() for p in unet.parameters()), train_images=len(dataset))
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
+            json.dump(config_record, f, indent=2, sort_keys=True, default=str)
+        tb_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_record.items()}
+        accelerator.init_trackers("ddpm", config=tb_config)
+    logger.info("configuration:\n" + json.dumps(config_record, indent=2, sort_keys=True, default=str), main_process_only=True)
+
+    # ---- resume ------------------------------------------------------------------------------
+    global_step, micro_step, nonfinite_total = 0, 0, 0
+    resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, checkpoints_dir)
+    if resume_path:
+        state = checkpoints.load_checkpoint(accelerator, resume_path)
+        global_step, micro_step, nonfinite_total = state["global_step"], state["micro_step"], state["nonfinite_total"]
+        logger.info(f"resumed from {resume_path} at step {global_step}", main_process_only=True)
+    elif args.resume_from_checkpoint == "latest":
+        logger.info("no checkpoint yet: starting from scratch", main_process_only=True)
+
+    # ---- train -------------------------------------------------------------------------------
+    progress = tqdm(total=max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
+    sample_grid, window_losses, window_ok, consecutive_nonfinite = None, [], True, 0
+    last_time, images_since = time.perf_counter(), 0
+    unet.train()
+    first_epoch = micro_step // len(loader)
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        loader.set_epoch(epoch)
+        skip = micro_step - epoch * len(loader)
+        batches = accelerator.skip_first_batches(loader, skip) if skip > 0 else loader
+        for batch in batches:
+            torch.manual_seed(step_seed(args.seed, micro_step, accelerator.process_index))
+            micro_step += 1
+            with accelerator.accumulate(unet):
+                x0 = batch["pixel_values"].float()
+                if args.random_flip:
+                    flips = torch.rand(x0.shape[0], device=x0.device) < 0.5
+                    x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+                noise = torch.randn(x0.shape, device=x0.device)
+                timesteps = torch.randint(0, args.num_train_timesteps, (x0.shape[0],), device=x0.device)
+                labels = batch.get("labels")
+                if labels is not None:
+                    drop = torch.rand(labels.shape[0], device=labels.device) < args.cond_drop_prob
+                    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+                with accelerator.autocast():
+                    loss = training_losses(unet, noise_scheduler, x0, timesteps, noise=noise, class_labels=labels,
+                                           snr_gamma=args.snr_gamma).mean()
+                # every rank must take the same branch, or the gradient all-reduce would hang
+                bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum").item() > 0
+                if bad:
+                    window_ok = False
+                else:
+                    accelerator.backward(loss)
+                    window_losses.append(loss.detach())
+                if accelerator.sync_gradients:
+                    grad_norm = None
+                    if window_ok:
+                        grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it
+                            lr_scheduler.step()
+                        ema.step(accelerator.unwrap_model(unet).parameters())
+                        consecutive_nonfinite = 0
+                    else:
+                        nonfinite_total += 1
+                        consecutive_nonfinite += 1
+                        logger.warning(f"non-finite loss at step {global_step}: step skipped ({nonfinite_total} so far)", main_process_only=True)
+                        if consecutive_nonfinite >= args.max_nonfinite_steps:
+                            raise RuntimeError(
+                                f"{consecutive_nonfinite} non-finite losses in a row: lower --learning_rate, use bf16 "
+                                "instead of fp16, or resume from an earlier checkpoint."
+                            )
+                    optimizer.zero_grad(set_to_none=True)
+            images_since += x0.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            window_ok = True
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == max_train_steps:
+                mean_loss = accelerator.reduce(torch.stack(window_losses).mean(), "mean").item() if window_losses else float("nan")
+                now = time.perf_counter()
+                speed = images_since / max(now - last_time, 1e-9)
+                logs = {"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], "train/images_per_second": speed,
+                        "train/ema_decay": ema.cur_decay_value or 0.0, "train/nonfinite_steps": nonfinite_total}
+                if grad_norm is not None:
+                    logs["train/grad_norm"] = float(grad_norm)
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{speed:.0f}")
+                last_time, images_since = now, 0
+            window_losses = []
+
+            if args.validation_steps and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
+                sample_grid = sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
+                check_ranks_in_sync(accelerator, unet, ema)
+                state = {"global_step": global_step, "micro_step": micro_step, "nonfinite_total": nonfinite_total}
+                path = checkpoints.save_checkpoint(accelerator, checkpoints_dir, global_step, state, args.checkpoints_total_limit)
+                logger.info(f"saved {path}", main_process_only=True)
+                if args.export_at_checkpoints and accelerator.is_main_process:
+                    export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record, sample_grid)
+            if global_step >= max_train_steps:
+                break
+    progress.close()
+
+    # ---- export and push ---------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    check_ranks_in_sync(accelerator, unet, ema)
+    if accelerator.is_main_process:
+        export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record, sample_grid)
+        logger.info(f"pipeline exported to {args.output_dir}")
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            commit = export.push_folder(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
+            logger.info(f"pushed to {repo_id}: {commit}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
