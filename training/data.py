@@ -2,7 +2,9 @@
 transformed to tensors in [-1, 1] with the model's channel count."""
 
 import gzip
+import hashlib
 import os
+import shutil
 import struct
 from typing import Optional, Tuple
 
@@ -27,9 +29,17 @@ def read_idx(path: str) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
 
 
-def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train") -> Dataset:
-    """Fashion-MNIST from its original IDX files, with the Hub dataset's schema (image, label)."""
+def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train", cache_dir: Optional[str] = None) -> Dataset:
+    """Fashion-MNIST from its original IDX files, with the Hub dataset's schema (image, label).
+
+    The conversion (8 s for the train split) is cached with ``save_to_disk`` and memory-mapped later.
+    """
     prefix = "train" if split == "train" else "t10k"
+    cache_root = cache_dir or os.environ.get("HF_DATASETS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "datasets")
+    stamp = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
+    cached = os.path.join(cache_root, "pipeline_ddpm_custom", f"fashion_mnist-{split}-{stamp}")
+    if os.path.exists(os.path.join(cached, "dataset_info.json")):
+        return load_from_disk(cached)
 
     def find(kind):
         for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz", f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"):
@@ -38,8 +48,18 @@ def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train"
         raise FileNotFoundError(f"No {prefix} {kind} IDX file in {folder}.")
 
     images, labels = read_idx(find("images")), read_idx(find("labels"))
+    if len(images) != len(labels):
+        raise ValueError(f"{folder}: {len(images)} images but {len(labels)} labels in the {split} split.")
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
-    return Dataset.from_dict({"image": [PILImage.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=features)
+    dataset = Dataset.from_dict({"image": [PILImage.fromarray(a, mode="L") for a in images], "label": labels.tolist()}, features=features)
+    try:  # written aside and renamed: a concurrent or killed writer never leaves a half cache
+        tmp = f"{cached}.tmp-{os.getpid()}"
+        dataset.save_to_disk(tmp)
+        os.replace(tmp, cached)
+        return load_from_disk(cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dataset
 
 
 def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[str], split: str = "train", cache_dir=None) -> Dataset:
@@ -51,7 +71,7 @@ def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[
         return load_dataset("imagefolder", data_dir=train_data_dir, split=split, cache_dir=cache_dir)
     if dataset_name is None:
         if os.path.isdir(FASHION_MNIST_IDX):
-            return fashion_mnist_from_idx(FASHION_MNIST_IDX, split)
+            return fashion_mnist_from_idx(FASHION_MNIST_IDX, split, cache_dir)
         dataset_name = FASHION_MNIST_HUB
     if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_info.json")):
         return load_from_disk(dataset_name)

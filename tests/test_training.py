@@ -1,0 +1,193 @@
+"""The training script, run as users run it (subprocesses, accelerate launch), on tiny settings."""
+
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from training import data
+from training.train_ddpm import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "training" / "train_ddpm.py")
+TINY = ["--resolution", "8", "--base_channels", "16", "--channel_mult", "1,2", "--num_res_blocks", "1",
+        "--attention_resolutions", "4", "--train_batch_size", "8", "--max_train_samples", "64", "--num_train_timesteps", "100",
+        "--validation_steps", "0", "--logging_steps", "1", "--lr_warmup_steps", "2", "--learning_rate", "1e-3"]
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    e.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra})
+    return e
+
+
+def run_training(output_dir, *args, launcher=(sys.executable,), extra_env=None, timeout=600):
+    cmd = [*launcher, SCRIPT, "--output_dir", str(output_dir), *TINY, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(**(extra_env or {})), timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def unet_weights(folder, variant=None):
+    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
+    return load_file(str(Path(folder) / "unet" / name))
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--cond_drop_prob", "1.5"], "cond_drop_prob"),
+        (["--mixed_precision", "fp16"], "bf16"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint"], "not a complete checkpoint"),
+        (["--dataset_name", "x", "--train_data_dir", "y"], "not both"),
+        (["--channel_mult", "1,a"], "comma-separated integers"),
+        (["--train_batch_size", "0"], "train_batch_size"),
+    ],
+)
+def test_argument_errors_are_clear(tmp_path, capsys, argv, message):
+    if "fp16" in argv:
+        pytest.importorskip("torch").cuda.is_available() and pytest.fail("this check is for machines without a GPU")
+    assert train_main(["--output_dir", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def write_idx(path, array):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape) + array.tobytes())
+
+
+def test_idx_files_become_the_hub_schema(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 9], dtype=np.uint8))
+    ds = data.fashion_mnist_from_idx(str(tmp_path), "train", cache_dir=str(tmp_path / "cache"))
+    assert ds.column_names == ["image", "label"] and ds.features["label"].names[9] == "Ankle boot"
+    np.testing.assert_array_equal(np.asarray(ds[1]["image"]), images[1])
+    assert ds[4]["label"] == 9
+    again = data.fashion_mnist_from_idx(str(tmp_path), "train", cache_dir=str(tmp_path / "cache"))  # from the cache
+    np.testing.assert_array_equal(np.asarray(again[1]["image"]), images[1])
+
+
+def test_real_fashion_mnist_idx_files_are_read():
+    assert os.path.isdir(data.FASHION_MNIST_IDX), "make setup installs Debian's dataset-fashion-mnist"
+    ds = data.fashion_mnist_from_idx(data.FASHION_MNIST_IDX, "test")
+    assert len(ds) == 10_000 and ds[0]["image"].size == (28, 28) and set(ds["label"]) == set(range(10))
+
+
+def test_column_detection_errors():
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    ds = Dataset.from_dict({"a": [Image.new("L", (4, 4))], "b": [Image.new("L", (4, 4))], "y": [1]},
+                           features=Features({"a": ImageFeature(), "b": ImageFeature(), "y": Value("int64")}))
+    with pytest.raises(ValueError, match=r"Pass --image_column"):
+        data.pick_columns(ds, None, None, False)
+    with pytest.raises(ValueError, match=r"its columns are \['a', 'b', 'y'\]"):
+        data.pick_columns(ds, "img", None, False)
+    assert data.pick_columns(ds, "a", "y", True) == ("a", "y")
+
+
+def test_image_folder_rgb_and_bf16_on_cpu(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    result = run_training(out, "--train_data_dir", str(folder), "--max_train_steps", "3", "--mixed_precision", "bf16",
+                          "--random_flip", "--checkpointing_steps", "2")
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["channels"] == 3 and config["mixed_precision"] == "bf16"
+    assert "fewer" not in result.stderr and "memorisation" in result.stderr  # the tiny-dataset warning
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+
+    pipe = DDPMCustomPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(num_inference_steps=2, output_type="np").images.shape == (1, 8, 8, 3)
+    assert (out / "unet" / "diffusion_pytorch_model.non_ema.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+
+
+def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):
+    args = ["--max_train_steps", "30", "--checkpointing_steps", "3", "--class_conditional", "--random_flip",
+            "--dropout", "0.1", "--gradient_accumulation_steps", "2", "--checkpoints_total_limit", "2"]
+    run_training(tmp_path / "straight", *args)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, SCRIPT, "--output_dir", str(killed), *TINY, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "checkpoint-6" / "training_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "model_index.json").exists()  # it really died mid-run
+
+    result = run_training(killed, *args, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in result.stderr
+    for variant in (None, "non_ema"):
+        straight, resumed = unet_weights(tmp_path / "straight", variant), unet_weights(killed, variant)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert np.array_equal(straight[key].numpy(), resumed[key].numpy()), (variant, key)
+    assert len(list((killed / "checkpoints").glob("checkpoint-*[0-9]"))) == 2  # total limit honoured
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_in_sync_and_export(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    out = tmp_path / "ddp"
+    result = run_training(out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--validation_steps", "4",
+                          "--num_validation_images", "3", "--validation_inference_steps", "3", launcher=launcher,
+                          extra_env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert result.stderr.count("weights and EMA identical on all 2 ranks") >= 2
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["num_processes"] == 2 and config["global_batch_size"] == 16
+    assert Image.open(out / "samples.png").size == (16, 16)  # 3 images from 2 ranks in a 2 x 2 grid
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+
+    pipe = DDPMCustomPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 1)
+
+
+def test_push_to_hub_round_trip(tmp_path):
+    from .hub_server import HubServer
+
+    with HubServer() as hub:
+        hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+                   "HF_HOME": str(tmp_path / "hf_home")}
+        run_training(tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub",
+                     "--hub_model_id", "user/tiny-ddpm", extra_env=hub_env)
+        files = set(hub.repos["user/tiny-ddpm"].files)
+        assert {"model_index.json", "pipeline_ddpm_custom.py", "unet/unet_ddpm_custom.py", "unet/diffusion_pytorch_model.safetensors",
+                "unet/diffusion_pytorch_model.non_ema.safetensors", "scheduler/scheduling_ddpm_custom.py", "README.md"} <= files
+        assert not any(f.startswith(("checkpoints/", "logs/")) for f in files), files
+
+        code = ("import sys; sys.modules['pipeline_ddpm_custom'] = None\n"
+                "from diffusers import DiffusionPipeline\n"
+                "pipe = DiffusionPipeline.from_pretrained('user/tiny-ddpm', trust_remote_code=True)\n"
+                "print(pipe(batch_size=2, num_inference_steps=3, output_type='np').images.shape)\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(**hub_env),
+                                timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "(2, 8, 8, 1)" in result.stdout
