@@ -105,8 +105,10 @@ def test_image_folder_rgb_and_bf16_on_cpu(tmp_path):
     for i in range(16):
         Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     out = tmp_path / "out"
-    result = run_training(out, "--train_data_dir", str(folder), "--max_train_steps", "3", "--mixed_precision", "bf16",
-                          "--random_flip", "--checkpointing_steps", "2")
+    # bf16 comes from the shipped accelerate config file, not from a flag
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "training" / "configs" / "cpu.yaml")]
+    result = run_training(out, "--train_data_dir", str(folder), "--max_train_steps", "3", "--random_flip",
+                          "--checkpointing_steps", "2", launcher=launcher)
     config = json.loads((out / "training_config.json").read_text())
     assert config["channels"] == 3 and config["mixed_precision"] == "bf16"
     assert "fewer" not in result.stderr and "memorisation" in result.stderr  # the tiny-dataset warning
