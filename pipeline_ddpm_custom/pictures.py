@@ -28,6 +28,13 @@ def to_model_input(image: Image.Image, size: int, channels: int) -> torch.Tensor
     return (tensor[None, None] if channels == 1 else tensor.permute(2, 0, 1)[None]).contiguous()
 
 
+def enlarge(image: Image.Image, min_side: int = 256) -> Image.Image:
+    """Nearest-neighbour upscaling by a whole factor until the shorter side reaches ``min_side``:
+    28-pixel samples become viewable without invented detail."""
+    factor = max(1, math.ceil(min_side / min(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
 def grid(images: List[Image.Image], cols: Optional[int] = None) -> Image.Image:
     """A near-square grid of equally sized images."""
     cols = cols or math.ceil(math.sqrt(len(images)))
@@ -71,9 +78,10 @@ class DenoisingRecorder:
             self.frames.append(grid(to_pil(x0), self.cols))
         return {}
 
-    def save_gif(self, path: str, fps: int = 10, hold_last: int = 10) -> str:
-        """Write the frames as a GIF, holding the final image for ``hold_last`` frames."""
+    def save_gif(self, path: str, fps: int = 10, hold_last: int = 10, min_side: int = 256) -> str:
+        """Write the frames as a GIF (enlarged to ``min_side``), holding the final image for ``hold_last`` frames."""
         if not self.frames:
             raise ValueError("No frames were recorded: pass the recorder as callback_on_step_end.")
-        frames = self.frames + [self.frames[-1]] * hold_last
+        frames = [enlarge(f, min_side) for f in self.frames]
+        frames += [frames[-1]] * hold_last
         return export_to_gif(frames, path, fps=fps)

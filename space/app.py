@@ -1,0 +1,158 @@
+"""Gradio demo of pipeline-ddpm-custom: generate, watch the denoising, explore the forward process,
+image to image. Run locally with `python space/app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+are honoured); the model comes from MODEL_ID (Hub repo id or folder), default the bundled one."""
+
+import os
+import random
+import sys
+
+# offline-safe defaults, before gradio / huggingface_hub are imported
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(1, os.path.dirname(HERE))  # the library, when run from a checkout
+
+import gradio as gr  # noqa: E402
+
+import inference  # noqa: E402
+from pipeline_ddpm_custom.pictures import enlarge  # noqa: E402
+
+try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
+    import spaces
+
+    gpu = spaces.GPU(duration=60)
+except ImportError:
+    def gpu(fn):
+        return fn
+
+EXAMPLES_DIR = os.path.join(HERE, "examples")
+
+
+def _gr_error(fn):
+    """Turn the library's RequestError / ValueError into a gr.Error the visitor can act on."""
+    import functools
+    import inspect
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except ValueError as error:
+                raise gr.Error(str(error))
+    else:
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ValueError as error:
+                raise gr.Error(str(error))
+    return wrapped
+
+
+def build_demo(pipe) -> gr.Blocks:
+    conditional = bool(pipe.unet.config.num_class_embeds)
+    T = pipe.scheduler.config.num_train_timesteps
+    example_images = sorted(os.path.join(EXAMPLES_DIR, f) for f in os.listdir(EXAMPLES_DIR)) if os.path.isdir(EXAMPLES_DIR) else []
+
+    @gpu
+    @_gr_error
+    def generate(num_images=16, sampler="DDIM (deterministic)", steps=25, eta=None, seed=0, randomize_seed=False,
+                 class_label=None, guidance_scale=1.0, progress=gr.Progress()):
+        """Generate images; streams the x0 prediction while denoising. Returns (preview, images, gif, seed)."""
+        if randomize_seed:
+            seed = random.randint(0, 2**31 - 1)
+        request = inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                                            class_label=None if class_label in (None, "") else int(class_label),
+                                            guidance_scale=guidance_scale)
+        for update in inference.generate_stream(pipe, request):
+            if "preview" in update:
+                progress((update["step"], update["total"]), desc="denoising")
+                yield enlarge(update["preview"], 448), None, None, seed
+            else:
+                yield gr.skip(), inference.upscale(update["images"]), update["gif"], seed
+
+    @_gr_error
+    def explore(image, t, seed=0):
+        x_t, snr = inference.forward_process(pipe, image, int(t), int(seed))
+        return x_t, f"t = {int(t)}   SNR = {snr:.4g}   ({10 * __import__('math').log10(max(snr, 1e-30)):.1f} dB)"
+
+    @gpu
+    @_gr_error
+    def img2img(image, strength=0.5, steps=50, seed=0):
+        return inference.upscale(inference.image_to_image(pipe, image, strength, steps, seed))
+
+    with gr.Blocks(title="DDPM: denoising diffusion, step by step") as demo:
+        gr.Markdown(
+            "# Denoising diffusion, step by step\n"
+            "A DDPM (Ho et al., 2020) trained on Fashion-MNIST with "
+            "[pipeline-ddpm-custom](https://pypi.org/project/pipeline-ddpm-custom/). "
+            "Generate images, watch them emerge from noise, and explore how noise is added."
+        )
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    num_images = gr.Slider(1, inference.MAX_IMAGES, value=16, step=1, label="Number of images", elem_id="num_images")
+                    sampler = gr.Dropdown(list(inference.SAMPLERS), value="DDIM (deterministic)", label="Sampler", elem_id="sampler")
+                    steps = gr.Slider(1, min(T, inference.MAX_STEPS), value=25, step=1, label="Steps", elem_id="steps")
+                    eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (0 = DDIM, 1 = DDPM; DDIM/DDPM samplers)", elem_id="eta")
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                        randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
+                    class_label = gr.Dropdown([str(i) for i in range(pipe.unet.config.num_class_embeds or 0)], value=None,
+                                              label="Class", visible=conditional, elem_id="class_label")
+                    guidance = gr.Slider(1.0, 10.0, value=3.0 if conditional else 1.0, step=0.5, label="Guidance scale",
+                                         visible=conditional, elem_id="guidance")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    preview = gr.Image(label="Live preview: the current x0 prediction", type="pil", elem_id="preview", height=320)
+                    gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png", height=420)
+            gif = gr.Image(label="Denoising animation (GIF, download with the button)", type="filepath", elem_id="gif",
+                           format="gif", buttons=["download"])
+            sampler.change(lambda s: 1.0 if s.startswith("DDPM") else 0.0, sampler, eta, api_visibility="private")
+            button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance],
+                         [preview, gallery, gif, seed], api_name="generate")
+            gr.Examples(
+                [[16, "DDIM (deterministic)", 25, 0.0, 0], [16, "DPM-Solver++ (multistep)", 10, 0.0, 1],
+                 [4, "DDPM (ancestral)", 100, 1.0, 2]],
+                [num_images, sampler, steps, eta, seed], label="Examples (fill the settings; press Generate)",
+            )
+        with gr.Tab("Forward process"):
+            gr.Markdown("q(x_t | x_0): the image at noise level t. The signal-to-noise ratio is abar_t / (1 - abar_t).")
+            with gr.Row():
+                source = gr.Image(label="Image (pick an example or upload)", type="pil", elem_id="forward_source",
+                                  value=example_images[0] if example_images else None, height=224)
+                noisy = gr.Image(label="x_t", type="pil", elem_id="forward_output", height=224)
+            t = gr.Slider(0, T - 1, value=T // 4, step=1, label="t", elem_id="forward_t")
+            snr_text = gr.Textbox(label="Signal-to-noise ratio", elem_id="forward_snr")
+            t.change(explore, [source, t], [noisy, snr_text], api_name="forward_process", trigger_mode="always_last")
+            source.change(explore, [source, t], [noisy, snr_text], api_visibility="private")
+            if example_images:
+                gr.Examples([[p] for p in example_images], [source], label="Fashion-MNIST test images")
+        with gr.Tab("Image to image"):
+            gr.Markdown("Noise an image to `strength` of the way up the chain, then denoise it (the seed notes' `sample(start_step, prior)`).")
+            with gr.Row():
+                with gr.Column():
+                    prior = gr.Image(label="Image", type="pil", elem_id="i2i_source", height=224)
+                    strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Strength", elem_id="i2i_strength")
+                    i2i_steps = gr.Slider(1, min(T, inference.MAX_STEPS), value=50, step=1, label="Steps")
+                    i2i_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    i2i_button = gr.Button("Denoise", variant="primary", elem_id="i2i_run")
+                i2i_out = gr.Gallery(label="Result", columns=1, elem_id="i2i_gallery", format="png")
+            i2i_button.click(img2img, [prior, strength, i2i_steps, i2i_seed], i2i_out, api_name="image_to_image")
+            if example_images:
+                gr.Examples([[p, 0.6] for p in example_images[:3]], [prior, strength])
+    # a bounded queue: visitors beyond max_size are told to retry instead of piling up
+    demo.queue(max_size=int(os.environ.get("QUEUE_MAX_SIZE", 32)),
+               default_concurrency_limit=int(os.environ.get("CONCURRENCY_LIMIT", 2)))
+    return demo
+
+
+def main():
+    demo = build_demo(inference.load_pipeline())
+    demo.launch(max_file_size="10mb", footer_links=["api"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The Gradio demo: its API in-process, under concurrent load, and in a real browser."""
+
+import concurrent.futures
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def load_app():
+    sys.path.insert(0, str(ROOT / "space"))
+    spec = importlib.util.spec_from_file_location("space_app", ROOT / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    model = tmp_path_factory.mktemp("model")
+    tiny_pipeline(num_train_timesteps=50).save_pretrained(model)
+    app = load_app()
+    demo = app.build_demo(app.inference.load_pipeline(str(model)))
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    yield url
+    demo.close()
+
+
+def generate(client, **overrides):
+    args = dict(num_images=4, sampler="DDIM (deterministic)", steps=5, eta=0.0, seed=3, randomize_seed=False,
+                class_label=None, guidance_scale=1.0)
+    args.update(overrides)
+    return client.predict(**args, api_name="/generate")
+
+
+def gallery_arrays(gallery):
+    return [np.asarray(Image.open(item["image"])) for item in gallery]
+
+
+def test_generate_api_is_deterministic(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    preview, gallery, gif, seed = generate(client)
+    first = gallery_arrays(gallery)
+    assert len(first) == 4 and first[0].shape[:2] == (112, 112) and seed == 3
+    assert Image.open(gif).n_frames >= 5
+    again = gallery_arrays(generate(client)[1])
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    other = gallery_arrays(generate(client, seed=4)[1])
+    assert not np.array_equal(first[0], other[0])
+    dpm = gallery_arrays(generate(client, sampler="DPM-Solver++ (multistep)", num_images=2)[1])
+    assert len(dpm) == 2
+
+
+def test_generate_streams_previews(app_url):
+    from gradio_client import Client
+
+    job = Client(app_url, verbose=False).submit(num_images=2, sampler="DDPM (ancestral)", steps=8, eta=1.0, seed=0,
+                                               randomize_seed=False, class_label=None, guidance_scale=1.0, api_name="/generate")
+    outputs = list(job)
+    previews = [o for o in outputs if o[0] is not None and not o[1]]  # preview set, gallery still empty
+    assert len(previews) >= 5, len(previews)
+    assert len(job.outputs()[-1][1]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    # slider bounds are checked by Gradio itself ("Value 17 is greater than maximum value 16."), the rest by the demo
+    [(dict(num_images=17), "greater than maximum value 16"), (dict(steps=0), "less than minimum value 1"),
+     (dict(steps=51), "greater than maximum value 50"), (dict(sampler="Euler"), "not in the list of choices"),
+     (dict(class_label="3"), "not in the list of choices"), (dict(eta=2.0), "greater than maximum value 1")],
+)
+def test_invalid_requests_get_errors_and_the_app_keeps_serving(app_url, overrides, message):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False)
+    with pytest.raises((AppError, ValueError)) as error:
+        generate(client, **overrides)
+    assert message.lower() in str(error.value).lower()
+    assert len(generate(client, num_images=1)[1]) == 1
+
+
+def test_the_demo_checks_what_gradio_does_not():
+    """The demo's own checks, for API callers that bypass the components' bounds."""
+    app = load_app()
+    pipe = tiny_pipeline(num_train_timesteps=50)
+    check = lambda **kw: app.inference.GenerateRequest(**kw).check(pipe)  # noqa: E731
+    for kwargs, message in [(dict(num_images=17), "between 1 and 16"), (dict(steps=51), "between 1 and 50"),
+                            (dict(sampler="Euler"), "choose one of"), (dict(class_label=3), "unconditional"),
+                            (dict(eta=1.5), "eta"), (dict(guidance_scale=0.5), "Guidance")]:
+        with pytest.raises(app.inference.RequestError, match=message):
+            check(**kwargs)
+    with pytest.raises(app.inference.RequestError, match="at most 4096x4096"):
+        app.inference.check_upload(Image.new("L", (5000, 4000)))
+    with pytest.raises(app.inference.RequestError, match="grayscale or RGB"):
+        app.inference.check_upload(Image.new("CMYK", (8, 8)))
+    with pytest.raises(app.inference.RequestError, match="Upload an image"):
+        app.inference.check_upload(None)
+
+
+def test_forward_process_and_uploads(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False)
+    example = str(ROOT / "space" / "examples" / "9-ankle-boot.png")
+    low, snr_low = client.predict(handle_file(example), 0, api_name="/forward_process")
+    high, snr_high = client.predict(handle_file(example), 49, api_name="/forward_process")
+    assert "SNR" in snr_low and float(snr_low.split("SNR = ")[1].split()[0]) > float(snr_high.split("SNR = ")[1].split()[0])
+    assert not np.array_equal(np.asarray(Image.open(low)), np.asarray(Image.open(high)))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a PNG")
+    with pytest.raises(AppError):
+        client.predict(handle_file(str(broken)), 5, api_name="/forward_process")
+    assert client.predict(handle_file(example), 5, api_name="/forward_process")[1].startswith("t = 5 ")
+    result = client.predict(handle_file(example), 0.0, 5, 0, api_name="/image_to_image")
+    assert len(result) == 1
+
+
+def test_eight_concurrent_clients_all_get_their_images(app_url):
+    from gradio_client import Client
+
+    def one(seed):
+        return len(generate(Client(app_url, verbose=False), num_images=2, seed=seed)[1])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, range(8))) == [2] * 8
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), "make setup installs Debian's chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                                          "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_browser_generate_and_forward_process(app_url, browser):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(app_url)
+    page.locator("#steps input[type=number]").fill("6")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#seed input").fill("7")
+    page.locator("#num_images input[type=number]").fill("4")
+    page.locator("#num_images input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 4", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.progress-text').length === 0", timeout=60_000)
+    assert page.locator("#gallery img").count() == 4
+    page.screenshot(path=str(ARTIFACTS / "space-generate.png"), full_page=True)
+
+    page.get_by_role("tab", name="Forward process").click()
+    sources = []
+    for t in ("5", "45"):
+        box = page.locator("#forward_t input[type=number]")
+        box.fill(t)
+        box.press("Enter")
+        page.wait_for_function(f"document.querySelector('#forward_snr textarea') && document.querySelector('#forward_snr textarea').value.startsWith('t = {t} ')", timeout=30_000)
+        page.wait_for_selector("#forward_output img", timeout=30_000)
+        sources.append(page.locator("#forward_output img").get_attribute("src"))
+    assert sources[0] != sources[1]
+    page.screenshot(path=str(ARTIFACTS / "space-forward.png"), full_page=True)
+    page.close()
