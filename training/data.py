@@ -63,7 +63,7 @@ def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train"
 
 
 def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[str], split: str = "train", cache_dir=None) -> Dataset:
-    """The training split from a Hub id, a ``save_to_disk`` folder, parquet files or an image folder;
+    """The training split from a Hub id, a ``save_to_disk`` folder, parquet files, a folder of IDX files or an image folder;
     Fashion-MNIST (local IDX files when present, else the Hub) when neither is given."""
     if train_data_dir:
         if not os.path.isdir(train_data_dir):
@@ -73,6 +73,8 @@ def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[
         if os.path.isdir(FASHION_MNIST_IDX):
             return fashion_mnist_from_idx(FASHION_MNIST_IDX, split, cache_dir)
         dataset_name = FASHION_MNIST_HUB
+    if os.path.isdir(dataset_name) and any(f.startswith("train-images-idx3-ubyte") for f in os.listdir(dataset_name)):
+        return fashion_mnist_from_idx(dataset_name, split, cache_dir)  # a folder of (Fashion-)MNIST IDX files
     if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_info.json")):
         return load_from_disk(dataset_name)
     if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_dict.json")):

@@ -276,7 +276,7 @@ def main(argv=None):
     noise_scheduler = DDPMCustomScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                                           prediction_type=args.prediction_type)
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                   power=args.ema_power, model_cls=DDPMCustomUNet, model_config=unet.config)
+                   power=args.ema_power, foreach=True, model_cls=DDPMCustomUNet, model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
@@ -290,7 +290,9 @@ def main(argv=None):
                                  num_training_steps=max_train_steps)
     accelerator.register_for_checkpointing(lr_scheduler, ema)
 
-    config_record = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    size_flags = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
+    config_record = {k: v for k, v in vars(args).items() if k != "hub_token" and not (args.model_config and k in size_flags)}
+    config_record["unet_config"] = {k: v for k, v in accelerator.unwrap_model(unet).config.items() if not k.startswith("_")}
     config_record.update(num_processes=accelerator.num_processes, global_batch_size=global_batch * args.gradient_accumulation_steps,
                          resolved_max_train_steps=max_train_steps, num_classes=num_classes, image_column=image_column,
                          label_column=label_column, channels=channels, mixed_precision=accelerator.mixed_precision,
@@ -308,6 +310,7 @@ def main(argv=None):
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, checkpoints_dir)
     if resume_path:
         state = checkpoints.load_checkpoint(accelerator, resume_path)
+        ema.to(accelerator.device)  # accelerate restores custom objects on the CPU
         global_step, micro_step, nonfinite_total = state["global_step"], state["micro_step"], state["nonfinite_total"]
         logger.info(f"resumed from {resume_path} at step {global_step}", main_process_only=True)
     elif args.resume_from_checkpoint == "latest":

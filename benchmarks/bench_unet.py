@@ -1,0 +1,167 @@
+"""Our UNet against diffusers' UNet2DModel at the same parameter count, resolution and attention
+placement, side by side in one run, reported as ratios.
+
+    python benchmarks/bench_unet.py [--quick] [--device cpu|cuda] [--out benchmarks/results-cpu.json]
+
+Measures training images/s (fp32 and bf16 autocast, batch 64 and 128), sampling image-steps/s
+(batch 1, 16, 256), wall time for 16 images in 25 DDIM steps through the full pipeline, and peak
+memory. The machines are shared and noisy: each measurement alternates the two models and takes
+the median of several repeats.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from diffusers import UNet2DModel  # noqa: E402
+
+from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
+from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
+
+# the bundled model's architecture (models/ddpm-fashion-mnist/unet/config.json)
+OURS = dict(sample_size=28, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+            attention_resolutions=(7,), attention_head_dim=32, norm_num_groups=16)
+# diffusers' UNet2DModel with the same levels, widths, blocks per level and attention placement
+PEER = dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=2,
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=16, attention_head_dim=32)
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_models(device, channels_last):
+    torch.manual_seed(0)
+    ours, peer = DDPMCustomUNet(**OURS).to(device), UNet2DModel(**PEER).to(device)
+    if channels_last:
+        ours = ours.to(memory_format=torch.channels_last)
+    return {"ours": ours, "diffusers": peer}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_step_fn(model, device, batch, bf16):
+    scheduler = DDPMCustomScheduler()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0 = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
+    model.train()
+
+    def step():
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = training_losses(model, scheduler, x0, t).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def inference_fn(model, device, batch, bf16, steps=5):
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    model.eval()
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            for t in range(steps):
+                model(x, torch.full((batch,), 999 - t, device=device)).sample
+    return run, steps
+
+
+def peak_memory_mb(fn, device):
+    """Peak memory of one call: CUDA allocator peak, or the growth of the process's peak RSS on CPU."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    import subprocess  # noqa: F401  (documenting: RSS peak cannot be reset in-process)
+
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and no batch 256 (smoke run)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    device, repeats = args.device, (2 if args.quick else args.repeats)
+    torch.backends.cudnn.benchmark = True
+    models = make_models(device, channels_last=False)
+    results = {"device": device, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if device == "cuda" else None,
+               "params": {k: params(m) for k, m in models.items()}, "rows": []}
+    print(f"parameters: ours {results['params']['ours']:,}  diffusers {results['params']['diffusers']:,}")
+
+    def compare(label, make, unit, per_call):
+        row = {"what": label, "unit": unit}
+        for name, model in models.items():
+            fn = make(model)
+            row[name] = per_call / timed(fn, device, repeats)
+        row["ratio"] = row["ours"] / row["diffusers"]
+        results["rows"].append(row)
+        print(f"{label:<40} ours {row['ours']:>9.1f}  diffusers {row['diffusers']:>9.1f} {unit}   ratio {row['ratio']:.2f}x", flush=True)
+
+    train_batches = [64] if args.quick else [64, 128]
+    for bf16 in (False, True):
+        for batch in train_batches:
+            compare(f"train {'bf16' if bf16 else 'fp32'} batch {batch}", lambda m: training_step_fn(m, device, batch, bf16),
+                    "images/s", batch)
+    infer_batches = [1, 16] if args.quick else [1, 16, 256]
+    for bf16 in (False, True):
+        for batch in infer_batches:
+            compare(f"sample {'bf16' if bf16 else 'fp32'} batch {batch}",
+                    lambda m: inference_fn(m, device, batch, bf16)[0], "image-steps/s", batch * 5)
+
+    # the user-facing number: 16 images, 25 DDIM steps, through the pipeline
+    for name, model in models.items():
+        pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        for bf16 in (False, True):
+            def run():
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+                    pipe(batch_size=16, num_inference_steps=25, eta=0.0, output_type="np")
+            seconds = timed(run, device, repeats)
+            results.setdefault("pipeline_16x25_seconds", {})[f"{name} {'bf16' if bf16 else 'fp32'}"] = seconds
+            print(f"16 images x 25 steps, {name} {'bf16' if bf16 else 'fp32'}: {seconds:.2f} s", flush=True)
+
+    if device == "cuda":
+        for name, model in models.items():
+            results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(
+                training_step_fn(model, device, 128, False), device)
+        print("peak memory (MB):", results["peak_memory_mb"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The sampling loop (seed `p_sample_loop` and `sample(start_step, prior)`) as a diffusers pipeline.
+
+Self-contained (imports only torch and diffusers): ``save_pretrained`` copies this file, and the
+files of any non-diffusers component, next to the weights in diffusers' remote-code layout, so that
+``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`` loads it without this package.
+"""
+
+import inspect
+import json
+import os
+import shutil
+import sys
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+import diffusers
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+# components whose classes come from these libraries are loaded from the library, not from copied code
+_LIBRARY_MODULES = ("diffusers", "transformers")
+
+
+class DDPMCustomPipeline(DiffusionPipeline):
+    """Unconditional or class-conditional image generation with a UNet and a DDPM/DDIM (or any diffusers) scheduler.
+
+    Components: ``unet`` (predicts the scheduler's target from x_t and t), ``scheduler``.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def _image_processor(self) -> VaeImageProcessor:
+        gray = self.unet.config.in_channels == 1
+        return VaeImageProcessor(
+            vae_scale_factor=1, vae_latent_channels=-1, do_convert_grayscale=gray, do_convert_rgb=not gray
+        )
+
+    def _class_labels(self, class_labels, batch_size: int) -> Optional[torch.Tensor]:
+        num_classes = getattr(self.unet.config, "num_class_embeds", None)
+        if class_labels is None:
+            if num_classes:  # a conditional model without labels samples from the unconditional (null) class
+                return torch.full((batch_size,), num_classes, device=self._execution_device, dtype=torch.long)
+            return None
+        if not num_classes:
+            raise ValueError("class_labels were given but this model is unconditional (unet.config.num_class_embeds is None).")
+        labels = torch.as_tensor(class_labels, device=self._execution_device, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"class_labels has {labels.numel()} entries for batch_size={batch_size}: pass one label or one per image.")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]; got {labels.tolist()}.")
+        return labels
+
+    def check_inputs(self, batch_size, generator, strength, guidance_scale, output_type, callback_inputs):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for batch_size={batch_size}: pass one per image, or a single one.")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1] (0 returns the image, 1 ignores it), got {strength}.")
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        unknown = set(callback_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} unknown; choose from {self._callback_tensor_inputs}.")
+
+    def _model_output(self, latents, t, labels, guidance_scale):
+        """The UNet's prediction; with guidance, eps = uncond + s * (cond - uncond) (Ho & Salimans 2022).
+        Only the prediction channels are guided; a learned variance comes from the conditional half."""
+        model_input = self.scheduler.scale_model_input(latents, t)
+        if labels is None or guidance_scale == 1.0:
+            return self.unet(model_input, t, class_labels=labels).sample
+        null = torch.full_like(labels, self.unet.config.num_class_embeds)
+        both = self.unet(torch.cat([model_input] * 2), t, class_labels=torch.cat([labels, null])).sample
+        cond, uncond = both.chunk(2)
+        c = latents.shape[1]
+        guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
+        return torch.cat([guided, cond[:, c:]], dim=1)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Union[torch.Generator, List[torch.Generator], None] = None,
+        num_inference_steps: Optional[int] = None,
+        eta: float = 1.0,
+        class_labels: Union[int, List[int], torch.Tensor, None] = None,
+        guidance_scale: float = 1.0,
+        image=None,
+        strength: float = 1.0,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[Callable[..., Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+    ) -> Union[ImagePipelineOutput, tuple]:
+        """Seed `p_sample_loop`: x_T ~ N(0, I) * init_noise_sigma, then scheduler.step for every timestep.
+
+        num_inference_steps: chain length (default: the scheduler's full training chain).
+        eta: 1 = DDPM ancestral, 0 = DDIM (passed to schedulers that take it).
+        class_labels, guidance_scale: class conditioning with classifier-free guidance (scale > 1).
+        image, strength: seed `sample(start_step, prior)`: noise ``image`` (PIL / array in [0, 1], one or
+        one per sample) to the step ``strength`` of the way up the chain and denoise from there.
+        latents: your own starting noise (B, C, H, W). generator: one, or one per image.
+        callback_on_step_end(pipe, i, t, tensors) -> dict may replace "latents".
+        """
+        if image is not None and not isinstance(image, list) and not (hasattr(image, "ndim") and image.ndim == 4):
+            image = [image]
+        if image is not None and isinstance(image, list) and batch_size == 1:
+            batch_size = len(image)
+        self.check_inputs(batch_size, generator, strength, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        dtype = self.unet.dtype
+        cfg = self.unet.config
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        labels = self._class_labels(class_labels, batch_size)
+
+        if num_inference_steps is None:
+            num_inference_steps = getattr(self.scheduler.config, "num_train_timesteps", 1000)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+
+        if image is not None:  # start part-way up the chain from a noised image
+            prior = self._image_processor().preprocess(image, height=cfg.sample_size, width=cfg.sample_size)
+            prior = prior.to(device=device, dtype=dtype)
+            if prior.shape[0] not in (1, batch_size):
+                raise ValueError(f"Got {prior.shape[0]} images for batch_size={batch_size}: pass one image or one per sample.")
+            prior = prior.expand(batch_size, -1, -1, -1)
+            kept = min(int(round(num_inference_steps * strength)), num_inference_steps)
+            timesteps = timesteps[(num_inference_steps - kept) * self.scheduler.order :]
+            if len(timesteps) == 0:
+                latents = prior
+            else:
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                latents = self.scheduler.add_noise(prior, noise, timesteps[:1].repeat(batch_size))
+        elif latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}.")
+            latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+
+        self._num_timesteps = len(timesteps)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_output = self._model_output(latents, t, labels, guidance_scale)
+            out = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            latents = out.prev_sample
+            if callback_on_step_end is not None:
+                available = {"latents": latents, "pred_original_sample": getattr(out, "pred_original_sample", None)}
+                tensors = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                returned = callback_on_step_end(self, i, t, tensors) or {}
+                latents = returned.get("latents", latents)
+
+        images = self._image_processor().postprocess(latents.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ---- loading with this class (already imported) ------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DDPMCustomPipeline.from_pretrained(dir_or_repo)`` with this package imported.
+
+        The saved folder names its classes as remote code (``["unet_ddpm_custom", "DDPMCustomUNet"]``),
+        for which diffusers would demand ``trust_remote_code`` even though the caller already imported
+        the classes. Diffusers trusts modules that are already imported; so do we: each component is
+        built from the imported class of the same file stem and the copied code is never executed.
+        ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` takes diffusers' own path.
+        """
+        if cls is DiffusionPipeline or kwargs.get("trust_remote_code"):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_keys = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+        hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(folder, **hub_kwargs)
+        index = cls.load_config(folder)
+        torch_dtype, variant = kwargs.pop("torch_dtype", None), kwargs.pop("variant", None)
+        expected, _ = cls._get_signature_keys(cls)
+        components = {}
+        for name in expected:
+            if name in kwargs:
+                components[name] = kwargs.pop(name)
+                continue
+            library, class_name = index[name]
+            component_cls = _imported_class(library, class_name, name)
+            if issubclass(component_cls, SchedulerMixin):
+                components[name] = component_cls.from_pretrained(folder, subfolder=name)
+            else:
+                components[name] = component_cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, variant=variant)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for {cls.__name__}.from_pretrained: {sorted(kwargs)}.")
+        pipe = cls(**components)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+    # ---- saving: weights + configs + code in diffusers' remote-code layout -------------------
+
+    def save_config(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
+        """Write model_index.json so the folder loads with ``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)``: this class and every non-diffusers component are named as
+        ``["<file stem>", "<class>"]`` and their source files are copied beside them.
+
+        ``save_pretrained`` and ``push_to_hub`` both end here, so every saved copy carries its code,
+        including copies saved from a pipeline that was itself loaded as remote code.
+        """
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index.pop("_name_or_path", None)  # where it came from is not part of what it is
+        index["_class_name"] = [_copy_source(type(self), save_directory), type(self).__name__]
+        for name in self.components:
+            component = getattr(self, name)
+            if component is None or type(component).__module__.split(".")[0] in _LIBRARY_MODULES:
+                continue
+            index[name] = [_copy_source(type(component), os.path.join(save_directory, name)), type(component).__name__]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _imported_class(library: str, class_name: str, component: str):
+    """The class ``class_name`` from diffusers or from an already-imported module named ``library``
+    (``<stem>``, the remote-code form, or a full module path ending in it)."""
+    if library in _LIBRARY_MODULES:
+        return getattr(sys.modules.get(library) or diffusers, class_name)
+    for module_name, module in list(sys.modules.items()):
+        if module_name == library or module_name.endswith("." + library):
+            found = getattr(module, class_name, None)
+            if found is not None:
+                return found
+    raise ValueError(
+        f"The {component} is {class_name} from {library}.py, which is not imported in this process: import the "
+        "package that defines it, or load with DiffusionPipeline.from_pretrained(..., trust_remote_code=True) "
+        "to run the copy saved with the model."
+    )
+
+
+def _copy_source(cls, folder: str) -> str:
+    """Copy the file that defines ``cls`` into ``folder``; returns its stem (the remote-code module name)."""
+    source = inspect.getsourcefile(cls)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, os.path.basename(source))
+    if os.path.abspath(source) != os.path.abspath(target):
+        shutil.copyfile(source, target)
+    return os.path.splitext(os.path.basename(source))[0]

@@ -1,0 +1,185 @@
+"""FID and KID of a pipeline's samples against a reference split, with everything that produced the
+number written next to it.
+
+    python -m training.evaluate --model DIR_OR_REPO --num-samples 10000 --steps 50 --eta 0
+    python -m training.evaluate --model models/ddpm-fashion-mnist --num-samples 10000 \
+        --steps 10 25 50 100 250 1000 --eta 0 1 --floor --out results.json --plot fid_vs_steps.png
+
+Extractors: ``offline`` (default), the project's Fashion-MNIST network (models/fashion-mnist-features,
+no downloads), or ``inception``, the standard InceptionV3 of torchmetrics / torch-fidelity (needs its
+weights, which are downloaded once; grayscale is repeated to three channels and resized by it).
+``--floor`` also reports the real-vs-real FID (a train subset of the same size vs the reference):
+a model's FID means little without it. Samples use per-image seeds (seed + i) and, for a
+class-conditional model, uniformly cycling class labels.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline_ddpm_custom import DDPMCustomPipeline
+from training import data
+from training.feature_net import FEATURES_DIR, FashionFeatureNet
+
+
+def load_extractor(name: str, device):
+    if name == "offline":
+        if not os.path.isdir(FEATURES_DIR):
+            raise ValueError(f"{FEATURES_DIR} is missing: run `python -m training.train_feature_net` first.")
+        return FashionFeatureNet.from_pretrained(FEATURES_DIR).to(device).eval()
+    if name == "inception":
+        return None  # torchmetrics' own InceptionV3 (feature=2048)
+    raise ValueError(f"Unknown extractor {name!r}: use offline or inception.")
+
+
+def make_metrics(extractor, num_samples: int, device):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    feature = 2048 if extractor is None else extractor
+    try:
+        fid = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False).to(device)
+        kid = KernelInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
+                                      subset_size=min(1000, num_samples)).to(device)
+    except (ModuleNotFoundError, OSError, RuntimeError) as error:
+        raise ValueError(f"The Inception extractor is not available here ({error}); install torch-fidelity with internet "
+                         "access once, or use --extractor offline.") from error
+    return fid, kid
+
+
+def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] as each extractor expects: the offline net takes 1 channel, Inception 3."""
+    if extractor is None and images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return images.float()
+
+
+def real_images(split: str, count: int, seed: int, device, dataset_name=None) -> torch.Tensor:
+    dataset = data.load_training_dataset(dataset_name, None, split)
+    order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
+    images = np.stack([np.asarray(dataset[int(i)]["image"].convert("L"), dtype=np.uint8) for i in order])
+    return torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
+
+
+def feed(metric_pair, images, real: bool, extractor, batch: int = 1000):
+    for start in range(0, len(images), batch):
+        chunk = to_metric_input(images[start:start + batch], extractor)
+        for metric in metric_pair:
+            metric.update(chunk, real=real)
+
+
+def scores(fid, kid) -> dict:
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+@torch.no_grad()
+def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size: int, guidance_scale: float) -> torch.Tensor:
+    classes = pipe.unet.config.num_class_embeds
+    out = []
+    for start in tqdm(range(0, num_samples, batch_size), desc=f"sampling {steps} steps, eta {eta}", leave=False):
+        idx = list(range(start, min(start + batch_size, num_samples)))
+        out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
+                        num_inference_steps=steps, eta=eta, class_labels=[i % classes for i in idx] if classes else None,
+                        guidance_scale=guidance_scale, output_type="pt").images)
+    return torch.cat(out)
+
+
+def class_histogram(images: torch.Tensor, classifier) -> list:
+    with torch.no_grad():
+        predictions = torch.cat([classifier.classify(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+    return (torch.bincount(predictions.cpu(), minlength=classifier.config.num_classes).float() / len(predictions)).tolist()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument("--num-samples", type=int, default=10000)
+    parser.add_argument("--steps", type=int, nargs="+", default=[50])
+    parser.add_argument("--eta", type=float, nargs="+", default=[0.0], help="0 = DDIM, 1 = DDPM ancestral")
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--extractor", default="offline", choices=["offline", "inception"])
+    parser.add_argument("--dataset-name", default=None, help="Fashion-MNIST source (default: Debian's IDX files, else the Hub)")
+    parser.add_argument("--reference", default="test", choices=["test", "train"], help="the real split compared against")
+    parser.add_argument("--floor", action="store_true", help="also the real-vs-real FID (train subset vs reference)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON file for the results (rewritten after every run)")
+    parser.add_argument("--plot", default=None, help="PNG of FID against steps")
+    args = parser.parse_args(argv)
+    if args.num_samples < 2:
+        parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    extractor = load_extractor(args.extractor, device)
+    classifier = extractor if extractor is not None else load_extractor("offline", device)
+    fid, kid = make_metrics(extractor, args.num_samples, device)
+    reference = real_images(args.reference, 10_000, args.seed, device, args.dataset_name)
+    feed((fid, kid), reference, True, extractor)
+    setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({len(reference)} images)",
+             "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model}
+    results = {"setup": setup, "runs": []}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
+    if args.floor:
+        other = "train" if args.reference == "test" else "test"
+        real = real_images(other, args.num_samples, args.seed + 1, device, args.dataset_name)
+        fid.reset(), kid.reset()
+        feed((fid, kid), real, False, extractor)
+        results["floor"] = {**scores(fid, kid), "what": f"real vs real: {args.num_samples} {other} images vs the reference",
+                            "class_histogram": class_histogram(real, classifier)}
+        print(f"floor: FID {results['floor']['fid']:.3f}  KID {results['floor']['kid']:.5f}", flush=True)
+        save()
+
+    pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for eta in args.eta:
+        for steps in args.steps:
+            start = time.time()
+            images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
+            fid.reset(), kid.reset()
+            feed((fid, kid), images, False, extractor)
+            run = {"sampler": "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}"), "eta": eta,
+                   "steps": steps, **scores(fid, kid), "class_histogram": class_histogram(images, classifier),
+                   "seconds": round(time.time() - start, 1), "device": str(device)}
+            results["runs"].append(run)
+            print(f"{run['sampler']:>15} {steps:>5} steps: FID {run['fid']:.3f}  KID {run['kid']:.5f}  "
+                  f"classes {min(run['class_histogram']):.3f}..{max(run['class_histogram']):.3f}", flush=True)
+            save()
+    if args.plot:
+        plot_curve(results, args.plot)
+    return results
+
+
+def plot_curve(results: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sampler in dict.fromkeys(r["sampler"] for r in results["runs"]):
+        runs = sorted((r for r in results["runs"] if r["sampler"] == sampler), key=lambda r: r["steps"])
+        ax.plot([r["steps"] for r in runs], [r["fid"] for r in runs], marker="o", label=sampler)
+    if "floor" in results:
+        ax.axhline(results["floor"]["fid"], color="grey", linestyle="--", label="real vs real floor")
+    ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel=f"FID ({results['setup']['extractor']} features)",
+           title=f"{results['setup']['num_samples']} samples vs {results['setup']['reference']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
