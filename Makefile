@@ -3,16 +3,26 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup system-deps test demo clean
+.PHONY: install setup system-deps test demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch first: the CPU build (pip would otherwise pull a multi-GB CUDA build as a dependency)
-setup: $(BIN)/python system-deps
+install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+
+setup: install system-deps
 	$(BIN)/pip install -q -e ".[train,space,test]"
+
+# the main job: a sample grid and a denoising GIF from the bundled model (about a minute on 2 cores)
+demo: install
+	$(BIN)/python -m pipeline_ddpm_custom generate --model models/ddpm-fashion-mnist --num-images 16 \
+		--steps 100 --eta 1 --seed 0 --out outputs/samples.png --gif outputs/denoising.gif
+	@echo "Samples: outputs/samples.png   Denoising GIF: outputs/denoising.gif"
+	@echo "Next: 'make test' (tests), README.md sections Training / Evaluation / The Space"
 
 # Debian packages: Fashion-MNIST IDX files and Chromium for the browser tests (skipped where present)
 system-deps:

@@ -19,9 +19,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard", "matplotlib"],
+        "train": ["accelerate>=1.0", "datasets>=3.0", "tensorboard", "matplotlib", "torchmetrics>=1.4", "scipy"],
         "space": ["gradio>=6.0"],
-        "test": ["pytest", "pytest-timeout", "gradio_client", "playwright", "accelerate>=1.0", "datasets>=3.0", "tensorboard", "matplotlib", "gradio>=6.0"],
+        "test": ["pytest", "pytest-timeout", "gradio_client", "playwright", "accelerate>=1.0", "datasets>=3.0", "tensorboard",
+                 "matplotlib", "torchmetrics>=1.4", "scipy", "gradio>=6.0"],
     },
     entry_points={"console_scripts": ["ddpm-custom=pipeline_ddpm_custom.cli:main"]},
 )

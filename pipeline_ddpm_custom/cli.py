@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="a folder saved with save_pretrained, or a Hub repo id")
     gen.add_argument("--num-images", type=int, default=16)
     gen.add_argument("--steps", type=int, default=50, help="inference steps (respaced chain)")
-    gen.add_argument("--eta", type=float, default=0.0, help="0 = DDIM (deterministic), 1 = DDPM ancestral")
+    gen.add_argument("--eta", type=float, default=1.0, help="1 = DDPM ancestral (default), 0 = DDIM (deterministic)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--class-label", type=int, default=None, help="class for a class-conditional model")
     gen.add_argument("--guidance-scale", type=float, default=1.0)

@@ -45,8 +45,8 @@ def load_pipeline(model_id: Optional[str] = None) -> DDPMCustomPipeline:
 @dataclass
 class GenerateRequest:
     num_images: int = 16
-    sampler: str = "DDIM (deterministic)"
-    steps: int = 25
+    sampler: str = "DDPM (ancestral)"
+    steps: int = 50
     eta: Optional[float] = None  # None: the sampler's own (0 for DDIM, 1 for DDPM)
     seed: int = 0
     class_label: Optional[int] = None

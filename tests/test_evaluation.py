@@ -1,0 +1,66 @@
+"""The shipped feature network, the evaluation script and the bundled model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training.evaluate import main as evaluate_main
+from training.feature_net import FEATURES_DIR, FashionFeatureNet
+
+from .conftest import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_feature_net_recognises_fashion_mnist():
+    net = FashionFeatureNet.from_pretrained(ROOT / FEATURES_DIR).eval()
+    files = sorted((ROOT / "space" / "examples").glob("*.png"))
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f), dtype=np.float32) / 255)[None] for f in files])
+    labels = torch.tensor([int(f.name.split("-")[0]) for f in files])
+    with torch.no_grad():
+        assert (net.classify(images).argmax(1) == labels).sum() >= 8
+        assert net(images).shape == (len(files), net.num_features)
+
+
+def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    out = tmp_path / "results.json"
+    evaluate_main(["--model", str(tmp_path / "model"), "--num-samples", "40", "--steps", "2", "5", "--eta", "1",
+                   "--floor", "--batch-size", "40", "--device", "cpu", "--out", str(out), "--plot", str(tmp_path / "curve.png")])
+    results = json.loads(out.read_text())
+    assert results["setup"]["extractor"] == "offline" and results["setup"]["num_samples"] == 40
+    assert [r["steps"] for r in results["runs"]] == [2, 5]
+    # an untrained model is far from the data; two real splits are close
+    assert results["floor"]["fid"] < min(r["fid"] for r in results["runs"])
+    assert abs(sum(results["runs"][0]["class_histogram"]) - 1) < 1e-6
+    assert Image.open(tmp_path / "curve.png").size[0] > 100
+
+
+def test_bundled_model_loads_without_the_package_and_generates(tmp_path):
+    code = ("import sys; sys.modules['pipeline_ddpm_custom'] = None\n"
+            "import torch; from diffusers import DiffusionPipeline\n"
+            f"pipe = DiffusionPipeline.from_pretrained({str(ROOT / 'models' / 'ddpm-fashion-mnist')!r}, trust_remote_code=True)\n"
+            "pipe.set_progress_bar_config(disable=True)\n"
+            "out = pipe(batch_size=2, num_inference_steps=3, class_labels=[1, 7], output_type='np').images\n"
+            "print(out.shape, pipe.unet.config.num_class_embeds, pipe.unet.dtype)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(2, 28, 28, 1) 10 torch.float32" in result.stdout
+
+
+def test_bundled_model_carries_the_current_library_code():
+    """The remote-code copies beside the bundled weights must be today's library files."""
+    bundled = ROOT / "models" / "ddpm-fashion-mnist"
+    for copy in ("pipeline_ddpm_custom.py", "unet/unet_ddpm_custom.py", "scheduler/scheduling_ddpm_custom.py"):
+        source = ROOT / "pipeline_ddpm_custom" / Path(copy).name
+        assert (bundled / copy).read_text() == source.read_text(), (
+            f"{copy} is stale: refresh with `python -c \"import torch; from pipeline_ddpm_custom import DDPMCustomPipeline as P; "
+            f"P.from_pretrained('{bundled.relative_to(ROOT)}', torch_dtype=torch.float16)"
+            f".save_pretrained('{bundled.relative_to(ROOT)}')\"`"
+        )
