@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -92,17 +93,32 @@ def inference_fn(model, device, batch, bf16, steps=5):
     return run, steps
 
 
-def peak_memory_mb(fn, device):
-    """Peak memory of one call: CUDA allocator peak, or the growth of the process's peak RSS on CPU."""
+def peak_memory_mb(name, device, batch):
+    """Peak memory of an fp32 training step at ``batch`` above the model's weights: the CUDA allocator's
+    peak, or on CPU the growth of peak RSS over the first step in a fresh process per model (RSS peaks cannot be reset in-process,
+    so measuring both models in one process would charge the second with the first's peak)."""
     if device == "cuda":
+        step = training_step_fn(make_models(device, channels_last=False)[name], device, batch, False)
+        step()  # optimizer state allocated: we measure a steady-state step
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        fn()
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-    import subprocess  # noqa: F401  (documenting: RSS peak cannot be reset in-process)
+        base = torch.cuda.memory_allocated()
+        step()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", name, str(batch)],
+                           capture_output=True, text=True, check=True)
+    return float(child.stdout.strip().splitlines()[-1])
 
-    fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def memory_child(name, batch):
+    """Runs in its own process: peak RSS growth (MB) over the first training step (activations, gradients,
+    Adam's state); a later step cannot be measured because RSS peaks never come down."""
+    import resource
+
+    step = training_step_fn(make_models("cpu", channels_last=False)[name], "cpu", batch, False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 
 
 def main():
@@ -111,7 +127,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats and no batch 256 (smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child[0], int(args.memory_child[1]))
     device, repeats = args.device, (2 if args.quick else args.repeats)
     torch.backends.cudnn.benchmark = True
     models = make_models(device, channels_last=False)
@@ -152,11 +171,9 @@ def main():
             results.setdefault("pipeline_16x25_seconds", {})[f"{name} {'bf16' if bf16 else 'fp32'}"] = seconds
             print(f"16 images x 25 steps, {name} {'bf16' if bf16 else 'fp32'}: {seconds:.2f} s", flush=True)
 
-    if device == "cuda":
-        for name, model in models.items():
-            results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(
-                training_step_fn(model, device, 128, False), device)
-        print("peak memory (MB):", results["peak_memory_mb"])
+    for name in models:
+        results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(name, device, 128)
+    print("peak memory (MB):", results["peak_memory_mb"], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

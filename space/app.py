@@ -2,6 +2,9 @@
 image to image. Run locally with `python space/app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
 are honoured); the model comes from MODEL_ID (Hub repo id or folder), default the bundled one."""
 
+import functools
+import inspect
+import math
 import os
 import random
 import sys
@@ -31,9 +34,6 @@ EXAMPLES_DIR = os.path.join(HERE, "examples")
 
 def _gr_error(fn):
     """Turn the library's RequestError / ValueError into a gr.Error the visitor can act on."""
-    import functools
-    import inspect
-
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
@@ -76,7 +76,7 @@ def build_demo(pipe) -> gr.Blocks:
     @_gr_error
     def explore(image, t, seed=0):
         x_t, snr = inference.forward_process(pipe, image, int(t), int(seed))
-        return x_t, f"t = {int(t)}   SNR = {snr:.4g}   ({10 * __import__('math').log10(max(snr, 1e-30)):.1f} dB)"
+        return x_t, f"t = {int(t)}   SNR = {snr:.4g}   ({10 * math.log10(max(snr, 1e-30)):.1f} dB)"
 
     @gpu
     @_gr_error

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -21,5 +22,5 @@ def test_generate_writes_grid_and_gif(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline_ddpm_custom", "generate", "--model", str(tmp_path / "nope")],
-                            capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and result.stderr.startswith("error:")

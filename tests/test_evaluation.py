@@ -1,6 +1,7 @@
 """The shipped feature network, the evaluation script and the bundled model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_bundled_model_loads_without_the_package_and_generates(tmp_path):
             "out = pipe(batch_size=2, num_inference_steps=3, class_labels=[1, 7], output_type='np').images\n"
             "print(out.shape, pipe.unet.config.num_class_embeds, pipe.unet.dtype)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf")})
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2, 28, 28, 1) 10 torch.float32" in result.stdout
 
@@ -64,3 +65,23 @@ def test_bundled_model_carries_the_current_library_code():
             f"P.from_pretrained('{bundled.relative_to(ROOT)}', torch_dtype=torch.float16)"
             f".save_pretrained('{bundled.relative_to(ROOT)}')\"`"
         )
+
+
+def test_in_training_fid_matches_the_evaluate_script_and_caches_its_reference(tmp_path):
+    """--eval_steps logs the same FID that training.evaluate computes for the exported model, and the
+    reference statistics are computed once: a resumed run reuses the cached file."""
+    from .test_training import run_training
+
+    out = tmp_path / "run"
+    evaluation = ["--eval_steps", "2", "--eval_num_samples", "8", "--eval_inference_steps", "2", "--checkpointing_steps", "2"]
+    run_training(out, "--max_train_steps", "2", *evaluation)
+    cache = out / "logs" / "fid_reference.pt"
+    first_write = cache.stat().st_mtime_ns
+    run_training(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *evaluation)
+    assert cache.stat().st_mtime_ns == first_write
+    records = [json.loads(line) for line in (out / "logs" / "fid.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and all(r["fid"] > 0 for r in records)
+
+    results = evaluate_main(["--model", str(out), "--num-samples", "8", "--steps", "2", "--eta", "0", "--seed", "0",
+                             "--device", "cpu"])
+    assert abs(results["runs"][0]["fid"] - records[-1]["fid"]) < 1e-3 * records[-1]["fid"]

@@ -1,6 +1,7 @@
 """The three ways to load a saved pipeline, each in a fresh process."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ GENERATE = "import numpy as np, torch; np.save({out!r}, pipe(batch_size=2, num_i
 
 def run_python(code: str, tmp_path):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True, text=True,
-                            env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300)
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -70,7 +71,7 @@ def test_path2_refuses_without_trust(saved, tmp_path):
     _, folder = saved
     result = subprocess.run([sys.executable, "-c", HIDE_PACKAGE + "from diffusers import DiffusionPipeline\n"
                              f"DiffusionPipeline.from_pretrained({str(folder)!r})"], cwd=tmp_path, capture_output=True, text=True,
-                            env={**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300)
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf_home")}, timeout=300)
     assert result.returncode != 0 and "trust_remote_code" in result.stderr
 
 

@@ -43,6 +43,7 @@ def make_metrics(extractor, num_samples: int, device):
 
     feature = 2048 if extractor is None else extractor
     try:
+        # reset_real_features=False: the reference is fed once and kept across reset()
         fid = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False).to(device)
         kid = KernelInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
                                       subset_size=min(1000, num_samples)).to(device)
@@ -59,11 +60,43 @@ def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
     return images.float()
 
 
-def real_images(split: str, count: int, seed: int, device, dataset_name=None) -> torch.Tensor:
-    dataset = data.load_training_dataset(dataset_name, None, split)
+def real_images(split: str, count: int, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image") -> torch.Tensor:
+    dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
     order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
-    images = np.stack([np.asarray(dataset[int(i)]["image"].convert("L"), dtype=np.uint8) for i in order])
+    images = np.stack([np.asarray(dataset[int(i)][image_column].convert("L"), dtype=np.uint8) for i in order])
     return torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
+
+
+class CachedReferenceFID:
+    """FID with the offline extractor against reference statistics that are computed once and cached
+    (training's --eval_steps: each evaluation then costs only sampling and feature extraction).
+
+    The cache holds torchmetrics' real-feature sums, keyed by the reference's description; it is
+    written atomically, so a run killed while writing it recomputes it next time."""
+
+    def __init__(self, cache_file: str, device, dataset_name=None, train_data_dir=None, image_column="image",
+                 split: str = "test", count: int = 10_000):
+        self.extractor = load_extractor("offline", device)
+        self.fid, _ = make_metrics(self.extractor, 2, device)
+        key = f"{dataset_name or train_data_dir or 'fashion-mnist'}:{split}:{count}"
+        states = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
+        cached = torch.load(cache_file, map_location=device) if os.path.exists(cache_file) else None
+        if cached is not None and cached.get("key") == key:
+            for name in states:
+                setattr(self.fid, name, cached[name])
+        else:
+            reference = real_images(split, count, 0, device, dataset_name, train_data_dir, image_column)
+            feed((self.fid,), reference, True, self.extractor)
+            os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
+            torch.save({"key": key, **{name: getattr(self.fid, name) for name in states}}, cache_file + ".tmp")
+            os.replace(cache_file + ".tmp", cache_file)
+        self.reference = key
+
+    def __call__(self, images: torch.Tensor) -> float:
+        """images (N, C, H, W) in [0, 1]."""
+        self.fid.reset()
+        feed((self.fid,), images.to(self.fid.device), False, self.extractor)
+        return float(self.fid.compute())
 
 
 def feed(metric_pair, images, real: bool, extractor, batch: int = 1000):

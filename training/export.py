@@ -18,10 +18,9 @@ CARD_TEMPLATE = """---
 # {{ title }}
 
 A DDPM (Ho et al., 2020) trained with [pipeline-ddpm-custom](https://pypi.org/project/pipeline-ddpm-custom/)'s
-`accelerate` script{{ dataset_sentence }}. The weights are the EMA weights; the raw weights are the
-`non_ema` variant.
+`accelerate` script{{ dataset_sentence }}. The weights are the EMA weights{{ variant_sentence }}.
 
-![samples](samples.png)
+![samples](samples.png){{ gif_line }}
 
 ## Use
 
@@ -30,8 +29,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-images = pipe(batch_size=16, num_inference_steps=50, eta=0.0, generator=torch.Generator().manual_seed(0)).images
+images = pipe(batch_size=16, num_inference_steps=50, eta={{ eta }},{{ labels_argument }} generator=torch.Generator().manual_seed(0)).images
 ```
+
+`eta=1` is DDPM ancestral sampling, `eta=0` deterministic DDIM.{{ labels_sentence }}
 
 With `pip install pipeline-ddpm-custom`, `pipeline_ddpm_custom.DDPMCustomPipeline.from_pretrained("{{ repo_id }}")`
 loads it without remote code.
@@ -46,15 +47,21 @@ loads it without remote code.
 
 
 def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
-                     license: str = "apache-2.0", tags: Optional[List[str]] = None) -> str:
+                     license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 1.0) -> str:
     """README.md with the Hub metadata (library, pipeline tag, license, dataset, tags), the training
-    configuration, the sample grid and any metrics."""
+    configuration, the sample grid (and denoising GIF when the folder has one) and any metrics.
+
+    ``dataset``: a Hub dataset id goes into the metadata; a local path is only named in the text.
+    ``eta``: the sampler the usage example recommends."""
+    hub_dataset = dataset if dataset and not os.path.exists(dataset) else None
+    num_classes = config.get("num_classes")
     data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
         license=license,
-        datasets=[dataset] if dataset else None,
-        tags=["diffusers", "ddpm", "pipeline-ddpm-custom", "unconditional-image-generation"] + list(tags or []),
+        datasets=[hub_dataset] if hub_dataset else None,
+        tags=["diffusers", "ddpm", "pipeline-ddpm-custom", "unconditional-image-generation"]
+        + (["class-conditional"] if num_classes else []) + list(tags or []),
     )
     metrics_section = ""
     if metrics:
@@ -65,7 +72,15 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
         template_str=CARD_TEMPLATE,
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
-        dataset_sentence=f" on `{dataset}`" if dataset else "",
+        dataset_sentence=f" on `{hub_dataset or os.path.basename(os.path.normpath(dataset))}`" if dataset else "",
+        variant_sentence="; the raw weights are the `non_ema` variant"
+        if os.path.exists(os.path.join(folder, "unet", "diffusion_pytorch_model.non_ema.safetensors")) else "",
+        gif_line="\n\n![denoising](denoising.gif)" if os.path.exists(os.path.join(folder, "denoising.gif")) else "",
+        eta=f"{eta:g}",
+        labels_argument=f" class_labels=[i % {num_classes} for i in range(16)]," if num_classes else "",
+        labels_sentence=(f" Class-conditional: `class_labels` takes one label in 0..{num_classes - 1} or one per image; "
+                         "without labels it samples the unconditional (null) class; `guidance_scale` > 1 adds "
+                         "classifier-free guidance.") if num_classes else "",
         config_json=json.dumps(config, indent=2, sort_keys=True, default=str),
         metrics_section=metrics_section,
     )

@@ -2,13 +2,15 @@
 feature space (no downloads, unlike Inception). Trained by training/train_feature_net.py and
 shipped in models/fashion-mnist-features/ (safetensors)."""
 
+import os
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-FEATURES_DIR = "models/fashion-mnist-features"
+FEATURES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "fashion-mnist-features")
 
 
 class FashionFeatureNet(ModelMixin, ConfigMixin):

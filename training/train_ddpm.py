@@ -12,6 +12,7 @@ weights, optimizer, EMA and data position to continue exactly as the uninterrupt
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cache_dir", default=None)
     g = p.add_argument_group("model and diffusion")
     g.add_argument("--model_config", default=None, help="JSON file of DDPMCustomUNet arguments (overrides the size options)")
+    g.add_argument("--pretrained_model", default=None,
+                   help="fine-tune: start from the UNet of this pipeline (folder or Hub id); its config replaces the size options")
     g.add_argument("--base_channels", type=int, default=64)
     g.add_argument("--channel_mult", default="1,2,2", help="width multiplier per level, comma-separated")
     g.add_argument("--num_res_blocks", type=int, default=2)
@@ -91,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--validation_steps", type=int, default=1000, help="0 disables validation grids")
     g.add_argument("--num_validation_images", type=int, default=16)
     g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps for validation grids")
+    g.add_argument("--eval_steps", type=int, default=0,
+                   help="FID of the EMA model every N steps with the offline Fashion-MNIST extractor (0: off)")
+    g.add_argument("--eval_num_samples", type=int, default=2000)
+    g.add_argument("--eval_inference_steps", type=int, default=50)
+    g.add_argument("--eval_eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM ancestral")
+    g.add_argument("--eval_reference_split", default="test", help="the split whose statistics FID compares against")
     g.add_argument("--checkpointing_steps", type=int, default=1000)
     g.add_argument("--checkpoints_total_limit", type=int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder anywhere")
@@ -116,23 +125,28 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset_name and args.train_data_dir:
         raise ValueError("Pass --dataset_name or --train_data_dir, not both.")
     positive = ["train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_timesteps", "num_epochs",
-                "logging_steps", "checkpointing_steps", "num_validation_images", "validation_inference_steps"]
+                "logging_steps", "checkpointing_steps", "num_validation_images", "validation_inference_steps",
+                "eval_inference_steps"]
     for name in positive + ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}.")
-    if args.validation_steps < 0 or args.lr_warmup_steps < 0:
-        raise ValueError("--validation_steps and --lr_warmup_steps must be >= 0.")
+    if args.validation_steps < 0 or args.lr_warmup_steps < 0 or args.eval_steps < 0:
+        raise ValueError("--validation_steps, --eval_steps and --lr_warmup_steps must be >= 0.")
+    if args.eval_num_samples < 2:
+        raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}.")
     if not 0.0 <= args.cond_drop_prob < 1.0:
         raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
-    if args.validation_inference_steps > args.num_train_timesteps:
-        raise ValueError("--validation_inference_steps cannot exceed --num_train_timesteps.")
+    if max(args.validation_inference_steps, args.eval_inference_steps) > args.num_train_timesteps:
+        raise ValueError("--validation_inference_steps and --eval_inference_steps cannot exceed --num_train_timesteps.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 (or no).")
     if args.model_config and not os.path.isfile(args.model_config):
         raise ValueError(f"--model_config {args.model_config} does not exist.")
+    if args.model_config and args.pretrained_model:
+        raise ValueError("Pass --model_config (a new model) or --pretrained_model (fine-tune one), not both.")
     args.channel_mult = int_list(args.channel_mult, "--channel_mult")
     args.attention_resolutions = int_list(args.attention_resolutions, "--attention_resolutions")
     if args.resume_from_checkpoint not in (None, "latest"):
@@ -141,6 +155,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_unet(args, channels: int, num_classes) -> DDPMCustomUNet:
+    if args.pretrained_model:
+        return load_pretrained_unet(args.pretrained_model, args.resolution, channels, num_classes)
     config = dict(sample_size=args.resolution, in_channels=channels, base_channels=args.base_channels,
                   channel_mult=args.channel_mult, num_res_blocks=args.num_res_blocks,
                   attention_resolutions=args.attention_resolutions, dropout=args.dropout)
@@ -155,34 +171,66 @@ def build_unet(args, channels: int, num_classes) -> DDPMCustomUNet:
     return DDPMCustomUNet(**config)
 
 
+def load_pretrained_unet(source: str, resolution: int, channels: int, num_classes) -> DDPMCustomUNet:
+    """The UNet of a saved pipeline, in float32 whatever it was stored in (training needs fp32 master weights)."""
+    try:
+        unet = DDPMCustomUNet.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
+    except (OSError, EnvironmentError) as error:
+        raise ValueError(f"--pretrained_model {source}: no DDPMCustomUNet under its unet/ folder ({error}).") from error
+    config = unet.config
+    if config.in_channels != channels or config.sample_size != resolution:
+        raise ValueError(f"--pretrained_model {source} takes {config.in_channels}x{config.sample_size}x{config.sample_size} "
+                         f"images, but the data is {channels}x{resolution}x{resolution}: match --resolution to it.")
+    if config.num_class_embeds != num_classes:
+        wanted = "pass --class_conditional" if config.num_class_embeds else "drop --class_conditional"
+        raise ValueError(f"--pretrained_model {source} has num_class_embeds={config.num_class_embeds} but the data gives "
+                         f"{num_classes}: {wanted}.")
+    return unet
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """The seed of one micro-step on one rank: a pure function, so a resumed run draws the same numbers."""
     return (seed * 1_000_003 + micro_step * 8191 + rank) % (2**63 - 1)
 
 
-@torch.no_grad()
-def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
-    """Every rank samples its share of the grid from the EMA weights (nobody waits idle, no timeouts),
-    rank 0 assembles, saves and logs it. Returns the grid on rank 0."""
+@contextlib.contextmanager
+def ema_weights(accelerator, unet, ema):
+    """The unwrapped model with the EMA weights swapped in (and the training weights put back after)."""
     model = accelerator.unwrap_model(unet)
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
     model.eval()
     try:
-        pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler.from_config(noise_scheduler.config))
-        pipe.set_progress_bar_config(disable=True)
-        indices = list(range(args.num_validation_images))
-        with accelerator.split_between_processes(indices) as mine:
-            images = []
-            if mine:
-                labels = [i % model.config.num_class_embeds for i in mine] if model.config.num_class_embeds else None
-                with accelerator.autocast():
-                    images = pipe(batch_size=len(mine), generator=[torch.Generator().manual_seed(i) for i in mine],
-                                  num_inference_steps=args.validation_inference_steps, eta=0.0, class_labels=labels).images
-        images = gather_object(images)
+        yield model
     finally:
         ema.restore(model.parameters())
         model.train()
+
+
+@torch.no_grad()
+def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, output_type, batch_size=250) -> list:
+    """Images 0..count-1 (image i from seed i, class i mod classes), shared out over the ranks so that
+    nobody waits idle; every rank gets the whole list back, in order."""
+    pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler.from_config(noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    classes = model.config.num_class_embeds
+    with accelerator.split_between_processes(list(range(count))) as mine:
+        images = []
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            with accelerator.autocast():
+                out = pipe(batch_size=len(chunk), generator=[torch.Generator().manual_seed(i) for i in chunk],
+                           num_inference_steps=steps, eta=eta, output_type=output_type,
+                           class_labels=[i % classes for i in chunk] if classes else None).images
+            images.extend(out.cpu() if output_type == "pt" else out)
+    return gather_object(images)
+
+
+def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
+    """A grid of DDIM samples from the EMA weights, saved to logs/samples and TensorBoard on rank 0."""
+    with ema_weights(accelerator, unet, ema) as model:
+        images = sample_on_all_ranks(accelerator, model, noise_scheduler, args.num_validation_images,
+                                     args.validation_inference_steps, 0.0, "pil")
     if not accelerator.is_main_process:
         return None
     picture = grid(images)
@@ -195,6 +243,26 @@ def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
 
             tracker.writer.add_image("validation/samples", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
     return picture
+
+
+def evaluate_fid(accelerator, unet, ema, noise_scheduler, args, step, fid) -> None:
+    """--eval_steps: FID of eval_num_samples EMA samples against the cached reference statistics,
+    logged as eval/fid and appended to logs/fid.jsonl (rank 0 computes; every rank samples)."""
+    start = time.perf_counter()
+    with ema_weights(accelerator, unet, ema) as model:
+        images = sample_on_all_ranks(accelerator, model, noise_scheduler, args.eval_num_samples,
+                                     args.eval_inference_steps, args.eval_eta, "pt")
+    if not accelerator.is_main_process:
+        return
+    value = fid(torch.stack(images).float())
+    record = {"step": step, "fid": value, "num_samples": args.eval_num_samples, "steps": args.eval_inference_steps,
+              "eta": args.eval_eta, "extractor": "offline", "reference": fid.reference,
+              "seconds": round(time.perf_counter() - start, 1)}
+    accelerator.log({"eval/fid": value}, step=step)
+    with open(os.path.join(args.output_dir, "logs", "fid.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    logger.info(f"step {step}: FID {value:.3f} ({args.eval_num_samples} samples, {args.eval_inference_steps} steps, "
+                f"eta {args.eval_eta}, offline features vs {fid.reference})", main_process_only=True)
 
 
 def check_ranks_in_sync(accelerator, unet, ema) -> None:
@@ -260,6 +328,8 @@ def main(argv=None):
     if args.model_config:
         with open(args.model_config) as f:
             channels = json.load(f).get("in_channels", channels)
+    elif args.pretrained_model:
+        channels = DDPMCustomUNet.load_config(args.pretrained_model, subfolder="unet").get("in_channels", channels)
     dataset.set_transform(data.make_transform(image_column, label_column, args.resolution, channels))
     global_batch = args.train_batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
@@ -291,7 +361,7 @@ def main(argv=None):
     accelerator.register_for_checkpointing(lr_scheduler, ema)
 
     size_flags = ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
-    config_record = {k: v for k, v in vars(args).items() if k != "hub_token" and not (args.model_config and k in size_flags)}
+    config_record = {k: v for k, v in vars(args).items() if k != "hub_token" and not ((args.model_config or args.pretrained_model) and k in size_flags)}
     config_record["unet_config"] = {k: v for k, v in accelerator.unwrap_model(unet).config.items() if not k.startswith("_")}
     config_record.update(num_processes=accelerator.num_processes, global_batch_size=global_batch * args.gradient_accumulation_steps,
                          resolved_max_train_steps=max_train_steps, num_classes=num_classes, image_column=image_column,
@@ -304,6 +374,13 @@ def main(argv=None):
         tb_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_record.items()}
         accelerator.init_trackers("ddpm", config=tb_config)
     logger.info("configuration:\n" + json.dumps(config_record, indent=2, sort_keys=True, default=str), main_process_only=True)
+
+    fid = None
+    if args.eval_steps and accelerator.is_main_process:
+        from training.evaluate import CachedReferenceFID  # torchmetrics is only needed when evaluating
+
+        fid = CachedReferenceFID(os.path.join(args.output_dir, "logs", "fid_reference.pt"), accelerator.device,
+                                 args.dataset_name, args.train_data_dir, image_column, args.eval_reference_split)
 
     # ---- resume ------------------------------------------------------------------------------
     global_step, micro_step, nonfinite_total = 0, 0, 0
@@ -393,6 +470,8 @@ def main(argv=None):
 
             if args.validation_steps and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
                 sample_grid = sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, global_step)
+            if args.eval_steps and (global_step % args.eval_steps == 0 or global_step == max_train_steps):
+                evaluate_fid(accelerator, unet, ema, noise_scheduler, args, global_step, fid)
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 check_ranks_in_sync(accelerator, unet, ema)
                 state = {"global_step": global_step, "micro_step": micro_step, "nonfinite_total": nonfinite_total}
