@@ -194,3 +194,25 @@ def test_push_to_hub_round_trip(tmp_path):
                                 timeout=300, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-4000:]
         assert "(2, 8, 8, 1)" in result.stdout
+
+
+def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path):
+    """--pretrained_model starts from the saved EMA weights (a near-zero learning rate keeps them) and
+    exports with the new scheduler; a model that does not fit the data is refused with what to change."""
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    run_training(base, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    run_training(tuned, "--max_train_steps", "1", "--checkpointing_steps", "1", "--pretrained_model", str(base),
+                 "--prediction_type", "v_prediction", "--learning_rate", "1e-12", "--lr_warmup_steps", "0")
+    before, after = unet_weights(base), unet_weights(tuned)
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
+    scheduler = json.loads((tuned / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+
+    cmd = [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), *TINY, "--resolution", "16", "--pretrained_model", str(base)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and "match --resolution" in result.stderr
+    cmd[cmd.index(str(base))] = str(tmp_path / "missing")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and "not a pipeline folder" in result.stderr

@@ -171,12 +171,17 @@ def build_unet(args, channels: int, num_classes) -> DDPMCustomUNet:
     return DDPMCustomUNet(**config)
 
 
+def pretrained_unet_config(source: str) -> dict:
+    try:
+        return DDPMCustomUNet.load_config(source, subfolder="unet")
+    except OSError as error:
+        raise ValueError(f"--pretrained_model {source}: not a pipeline folder or Hub repo with a unet/ ({error}).") from error
+
+
 def load_pretrained_unet(source: str, resolution: int, channels: int, num_classes) -> DDPMCustomUNet:
     """The UNet of a saved pipeline, in float32 whatever it was stored in (training needs fp32 master weights)."""
-    try:
-        unet = DDPMCustomUNet.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
-    except (OSError, EnvironmentError) as error:
-        raise ValueError(f"--pretrained_model {source}: no DDPMCustomUNet under its unet/ folder ({error}).") from error
+    pretrained_unet_config(source)  # a clear error for a wrong path before diffusers' longer one
+    unet = DDPMCustomUNet.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
     config = unet.config
     if config.in_channels != channels or config.sample_size != resolution:
         raise ValueError(f"--pretrained_model {source} takes {config.in_channels}x{config.sample_size}x{config.sample_size} "
@@ -299,11 +304,15 @@ def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record
 
 
 def main(argv=None):
+    """Exit status 2 with the message for anything the user can fix (arguments, data, model), not a traceback."""
     try:
-        args = parse_args(argv)
+        return train(parse_args(argv))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def train(args) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -329,7 +338,7 @@ def main(argv=None):
         with open(args.model_config) as f:
             channels = json.load(f).get("in_channels", channels)
     elif args.pretrained_model:
-        channels = DDPMCustomUNet.load_config(args.pretrained_model, subfolder="unet").get("in_channels", channels)
+        channels = pretrained_unet_config(args.pretrained_model).get("in_channels", channels)
     dataset.set_transform(data.make_transform(image_column, label_column, args.resolution, channels))
     global_batch = args.train_batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
