@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline_ddpm_custom import DDPMCustomPipeline
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
@@ -85,3 +86,47 @@ def test_in_training_fid_matches_the_evaluate_script_and_caches_its_reference(tm
     results = evaluate_main(["--model", str(out), "--num-samples", "8", "--steps", "2", "--eta", "0", "--seed", "0",
                              "--device", "cpu"])
     assert abs(results["runs"][0]["fid"] - records[-1]["fid"]) < 1e-3 * records[-1]["fid"]
+
+
+def test_inception_extractor_without_its_weights_says_what_to_do(tmp_path, monkeypatch):
+    """Where torch-fidelity or the Inception weights cannot be had (this offline machine), the error names
+    the way out; where they can, the run must produce a real number."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights cached from elsewhere
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    try:
+        results = evaluate_main(["--model", str(tmp_path / "model"), "--num-samples", "4", "--steps", "1",
+                                 "--extractor", "inception", "--device", "cpu"])
+    except ValueError as error:
+        assert "--extractor offline" in str(error)
+    else:
+        assert results["setup"]["extractor"] == "inception" and results["runs"][0]["fid"] >= 0
+
+
+def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.bundle_model import main as bundle_main
+
+    source = tmp_path / "export"
+    pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
+    pipe.save_pretrained(source)
+    (source / "training_config.json").write_text(json.dumps({"num_classes": 3, "dataset_name": None}))
+    evaluation = {"setup": {"extractor": "offline", "num_samples": 40, "reference": "fashion-mnist test (10000 images)"},
+                  "floor": {"fid": 1.5}, "runs": [{"sampler": "DDIM", "steps": 5, "fid": 12.25, "class_histogram": [0.3, 0.3, 0.4]}]}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    target = tmp_path / "bundled"
+    target.mkdir()
+    (target / "stale.txt").write_text("the old bundle is replaced, not merged")
+    bundle_main([str(source), str(target), "--evaluation", str(tmp_path / "eval.json"), "--steps", "5",
+                 "--trained-on", "a test"])
+
+    assert not (target / "stale.txt").exists()
+    weights = load_file(str(target / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+    loaded = DDPMCustomPipeline.from_pretrained(target)
+    for name, value in pipe.unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[name], value.half().float())
+    assert Image.open(target / "samples.png").size[0] >= 8 * 8 and Image.open(target / "denoising.gif").n_frames > 2
+    card = (target / "README.md").read_text()
+    assert "12.25" in card and "1.50" in card and "zalando-datasets/fashion_mnist" in card and "denoising.gif" in card
+    assert json.loads((target / "training_config.json").read_text())["trained_on"] == "a test"

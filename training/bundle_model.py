@@ -1,0 +1,88 @@
+"""Turn a training run's export into the repository's bundled model: fp16 EMA weights only (a few MB),
+configs and code, a sample grid, a denoising GIF, and a model card carrying the evaluation results.
+
+    python -m training.bundle_model outputs/ft-v models/ddpm-fashion-mnist \
+        --evaluation benchmarks/results/fid-cpu-1k.json --eta 0 --steps 50
+
+The folder is assembled beside the target and swapped in at the end, so an interrupted run leaves the
+old bundle intact.
+"""
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.pictures import DenoisingRecorder, grid
+from training import data, export
+
+
+def card_metrics(evaluation: dict) -> dict:
+    """The model card's table: one row per evaluated sampler and step count, with the floor beside it."""
+    setup = evaluation["setup"]
+    where = f"{setup['extractor']} features, {setup['num_samples']} samples vs {setup['reference']}"
+    rows = {}
+    if "floor" in evaluation:
+        rows[f"FID real vs real (floor; {where})"] = f"{evaluation['floor']['fid']:.2f}"
+    for run in evaluation["runs"]:
+        shares = run["class_histogram"]
+        rows[f"FID {run['sampler']}, {run['steps']} steps ({where})"] = (
+            f"{run['fid']:.2f} (class shares {min(shares):.1%}..{max(shares):.1%})")
+    return rows
+
+
+def write_pictures(pipe, folder: str, eta: float, steps: int, seed: int) -> None:
+    """samples.png (16 images; classes 0..9 cycling for a class-conditional model) and denoising.gif."""
+    classes = pipe.unet.config.num_class_embeds
+    recorder = DenoisingRecorder(every=max(1, steps // 25), cols=8)
+    images = pipe(batch_size=16, generator=[torch.Generator().manual_seed(seed + i) for i in range(16)],
+                  num_inference_steps=steps, eta=eta, class_labels=[i % classes for i in range(16)] if classes else None,
+                  callback_on_step_end=recorder, callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"]).images
+    grid(images, cols=8).save(os.path.join(folder, "samples.png"))
+    recorder.save_gif(os.path.join(folder, "denoising.gif"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a folder exported by training/train_ddpm.py")
+    parser.add_argument("target", help="the bundled model's folder (replaced)")
+    parser.add_argument("--evaluation", default=None, help="JSON written by training.evaluate, for the model card")
+    parser.add_argument("--eta", type=float, default=0.0, help="the sampler of the pictures and of the card's example")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trained-on", default=None, help="hardware and history, recorded in training_config.json")
+    parser.add_argument("--repo-id", default=None, help="the name the card uses (default: the target folder's name)")
+    args = parser.parse_args(argv)
+
+    pipe = DDPMCustomPipeline.from_pretrained(args.source)  # the EMA weights, in float32
+    pipe.set_progress_bar_config(disable=True)
+    staging = os.path.abspath(args.target).rstrip("/") + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    write_pictures(pipe, staging, args.eta, args.steps, args.seed)
+    pipe.to(torch.float16).save_pretrained(staging)  # fp16 halves the size; loading upcasts to float32
+    with open(os.path.join(args.source, "training_config.json")) as f:
+        config = json.load(f)
+    if args.trained_on:
+        config["trained_on"] = args.trained_on
+    with open(os.path.join(staging, "training_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    metrics = None
+    if args.evaluation:
+        with open(args.evaluation) as f:
+            evaluation = json.load(f)
+        metrics = card_metrics(evaluation)
+        shutil.copyfile(args.evaluation, os.path.join(staging, "metrics.json"))
+    dataset = config.get("dataset_name") or data.FASHION_MNIST_HUB
+    export.write_model_card(staging, args.repo_id or os.path.basename(os.path.normpath(args.target)), config, dataset,
+                            metrics=metrics, eta=args.eta)
+    shutil.rmtree(args.target, ignore_errors=True)
+    os.replace(staging, args.target)
+    print(f"bundled {args.source} into {args.target}")
+
+
+if __name__ == "__main__":
+    main()
