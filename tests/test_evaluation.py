@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -130,3 +131,29 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     card = (target / "README.md").read_text()
     assert "12.25" in card and "1.50" in card and "zalando-datasets/fashion_mnist" in card and "denoising.gif" in card
     assert json.loads((target / "training_config.json").read_text())["trained_on"] == "a test"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(prediction_type):
+    """benchmarks/x0_error_by_timestep.py converts each prediction type back to x0 correctly: a UNet
+    that returns the true target scores ~0 at every t; one that returns zeros does not."""
+    from types import SimpleNamespace
+
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from x0_error_by_timestep import x0_errors
+
+    scheduler = DDPMCustomScheduler(prediction_type=prediction_type)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+
+    def oracle(x_t, t, class_labels=None):
+        abar = scheduler.alphas_cumprod[t].float()[:, None, None, None]
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        target = {"epsilon": eps, "sample": x0, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[prediction_type]
+        return SimpleNamespace(sample=target)
+
+    rows = x0_errors(SimpleNamespace(unet=oracle, scheduler=scheduler), x0, None)
+    assert [r["t"] for r in rows][-1] == 999 and max(r["x0_mse"] for r in rows) < 1e-6
+    zeros = SimpleNamespace(unet=lambda x_t, t, class_labels=None: SimpleNamespace(sample=torch.zeros_like(x_t)), scheduler=scheduler)
+    assert max(r["x0_mse"] for r in x0_errors(zeros, x0, None)) > 0.1
