@@ -127,6 +127,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats and no batch 256 (smoke run)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--only", choices=["all", "memory"], default="all", help="memory: only the peak-memory rows")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -149,18 +150,20 @@ def main():
         print(f"{label:<40} ours {row['ours']:>9.1f}  diffusers {row['diffusers']:>9.1f} {unit}   ratio {row['ratio']:.2f}x", flush=True)
 
     train_batches = [64] if args.quick else [64, 128]
+    infer_batches = [1, 16] if args.quick else [1, 16, 256]
+    if args.only == "memory":
+        train_batches, infer_batches = [], []
     for bf16 in (False, True):
         for batch in train_batches:
             compare(f"train {'bf16' if bf16 else 'fp32'} batch {batch}", lambda m: training_step_fn(m, device, batch, bf16),
                     "images/s", batch)
-    infer_batches = [1, 16] if args.quick else [1, 16, 256]
     for bf16 in (False, True):
         for batch in infer_batches:
             compare(f"sample {'bf16' if bf16 else 'fp32'} batch {batch}",
                     lambda m: inference_fn(m, device, batch, bf16)[0], "image-steps/s", batch * 5)
 
     # the user-facing number: 16 images, 25 DDIM steps, through the pipeline
-    for name, model in models.items():
+    for name, model in models.items() if args.only == "all" else ():
         pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler())
         pipe.set_progress_bar_config(disable=True)
         for bf16 in (False, True):

@@ -2,7 +2,7 @@
 configs and code, a sample grid, a denoising GIF, and a model card carrying the evaluation results.
 
     python -m training.bundle_model outputs/ft-v models/ddpm-fashion-mnist \
-        --evaluation benchmarks/results/fid-cpu-1k.json --eta 0 --steps 50
+        --evaluation benchmarks/results/fid-cpu-10k.json benchmarks/results/fid-cpu-1k.json --eta 0 --steps 50
 
 The folder is assembled beside the target and swapped in at the end, so an interrupted run leaves the
 old bundle intact.
@@ -49,7 +49,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a folder exported by training/train_ddpm.py")
     parser.add_argument("target", help="the bundled model's folder (replaced)")
-    parser.add_argument("--evaluation", default=None, help="JSON written by training.evaluate, for the model card")
+    parser.add_argument("--evaluation", nargs="*", default=[], help="JSON files written by training.evaluate, for the model card")
     parser.add_argument("--eta", type=float, default=0.0, help="the sampler of the pictures and of the card's example")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -70,15 +70,17 @@ def main(argv=None):
         config["trained_on"] = args.trained_on
     with open(os.path.join(staging, "training_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    metrics = None
-    if args.evaluation:
-        with open(args.evaluation) as f:
-            evaluation = json.load(f)
-        metrics = card_metrics(evaluation)
-        shutil.copyfile(args.evaluation, os.path.join(staging, "metrics.json"))
+    metrics, evaluations = {}, []
+    for path in args.evaluation:
+        with open(path) as f:
+            evaluations.append(json.load(f))
+        metrics.update(card_metrics(evaluations[-1]))
+    if evaluations:
+        with open(os.path.join(staging, "metrics.json"), "w") as f:
+            json.dump(evaluations, f, indent=2)
     dataset = config.get("dataset_name") or data.FASHION_MNIST_HUB
     export.write_model_card(staging, args.repo_id or os.path.basename(os.path.normpath(args.target)), config, dataset,
-                            metrics=metrics, eta=args.eta)
+                            metrics=metrics or None, eta=args.eta)
     shutil.rmtree(args.target, ignore_errors=True)
     os.replace(staging, args.target)
     print(f"bundled {args.source} into {args.target}")
