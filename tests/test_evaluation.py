@@ -44,6 +44,24 @@ def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
     assert Image.open(tmp_path / "curve.png").size[0] > 100
 
 
+def test_evaluate_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path):
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    out = tmp_path / "results.json"
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "20", "--eta", "1", "--batch-size", "20",
+              "--device", "cpu", "--out", str(out), "--floor"]
+    evaluate_main([*common, "--steps", "2"])
+    first = json.loads(out.read_text())
+    first["runs"][0]["seconds"] = -1.0  # a marker: a re-measured run would overwrite it
+    out.write_text(json.dumps(first))
+    evaluate_main([*common, "--steps", "2", "3", "--resume"])
+    resumed = json.loads(out.read_text())
+    assert [(r["steps"], r["seconds"]) for r in resumed["runs"]][0] == (2, -1.0)
+    assert [r["steps"] for r in resumed["runs"]] == [2, 3]
+    assert resumed["floor"] == first["floor"]
+    with pytest.raises(ValueError, match="different setup"):
+        evaluate_main([*common, "--steps", "2", "--seed", "1", "--resume"])
+
+
 def test_bundled_model_loads_without_the_package_and_generates(tmp_path):
     code = ("import sys; sys.modules['pipeline_ddpm_custom'] = None\n"
             "import torch; from diffusers import DiffusionPipeline\n"

@@ -145,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten after every run)")
     parser.add_argument("--plot", default=None, help="PNG of FID against steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs (and floor) already in --out from the same setup and do only the missing ones")
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
@@ -159,13 +161,16 @@ def main(argv=None):
     setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({len(reference)} images)",
              "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model}
     results = {"setup": setup, "runs": []}
+    if args.resume:
+        results = previous_results(args.out, setup)
+    done = {(run["eta"], run["steps"]) for run in results["runs"]}
 
     def save():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
 
-    if args.floor:
+    if args.floor and "floor" not in results:
         other = "train" if args.reference == "test" else "test"
         real = real_images(other, args.num_samples, args.seed + 1, device, args.dataset_name)
         fid.reset(), kid.reset()
@@ -179,6 +184,8 @@ def main(argv=None):
     pipe.set_progress_bar_config(disable=True)
     for eta in args.eta:
         for steps in args.steps:
+            if (eta, steps) in done:
+                continue
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
             fid.reset(), kid.reset()
@@ -193,6 +200,20 @@ def main(argv=None):
     if args.plot:
         plot_curve(results, args.plot)
     return results
+
+
+def previous_results(path, setup: dict) -> dict:
+    """The results file of an interrupted run, if it measured the same thing (a killed evaluation resumes)."""
+    if not path:
+        raise ValueError("--resume needs --out: the file whose finished runs are kept.")
+    if not os.path.exists(path):
+        return {"setup": setup, "runs": []}
+    with open(path) as f:
+        previous = json.load(f)
+    if previous.get("setup") != setup:
+        raise ValueError(f"{path} was measured with a different setup ({previous.get('setup')}); "
+                         "use another --out or drop --resume to start over.")
+    return previous
 
 
 def plot_curve(results: dict, path: str):
