@@ -137,7 +137,9 @@ def main(argv=None):
     parser.add_argument("--eta", type=float, nargs="+", default=[0.0], help="0 = DDIM, 1 = DDPM ancestral")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per pipeline call (default 500 on GPU; 64 on CPU, the fastest on 2 cores: "
+                             "198 image-steps/s vs 136 at 250)")
     parser.add_argument("--extractor", default="offline", choices=["offline", "inception"])
     parser.add_argument("--dataset-name", default=None, help="Fashion-MNIST source (default: Debian's IDX files, else the Hub)")
     parser.add_argument("--reference", default="test", choices=["test", "train"], help="the real split compared against")
@@ -152,6 +154,8 @@ def main(argv=None):
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
 
     device = torch.device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 64 if device.type == "cpu" else 500
     torch.backends.cuda.matmul.allow_tf32 = True
     extractor = load_extractor(args.extractor, device)
     classifier = extractor if extractor is not None else load_extractor("offline", device)
