@@ -93,7 +93,7 @@ def inference_fn(model, device, batch, bf16, steps=5):
     return run, steps
 
 
-def peak_memory_mb(name, device, batch):
+def peak_memory_mb(name, device, batch, repeats=5):
     """Peak memory of an fp32 training step at ``batch`` above the model's weights: the CUDA allocator's
     peak, or on CPU the growth of peak RSS over the first step in a fresh process per model (RSS peaks cannot be reset in-process,
     so measuring both models in one process would charge the second with the first's peak)."""
@@ -105,9 +105,13 @@ def peak_memory_mb(name, device, batch):
         base = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", name, str(batch)],
-                           capture_output=True, text=True, check=True)
-    return float(child.stdout.strip().splitlines()[-1])
+    # RSS growth varies by 10-25% between identical processes (allocator and thread-pool timing): median of several
+    samples = []
+    for _ in range(repeats):
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", name, str(batch)],
+                               capture_output=True, text=True, check=True)
+        samples.append(float(child.stdout.strip().splitlines()[-1]))
+    return statistics.median(samples)
 
 
 def memory_child(name, batch):
@@ -175,7 +179,7 @@ def main():
             print(f"16 images x 25 steps, {name} {'bf16' if bf16 else 'fp32'}: {seconds:.2f} s", flush=True)
 
     for name in models:
-        results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(name, device, 128)
+        results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(name, device, 128, repeats)
     print("peak memory (MB):", results["peak_memory_mb"], flush=True)
     if args.out:
         with open(args.out, "w") as f:
