@@ -95,8 +95,8 @@ def inference_fn(model, device, batch, bf16, steps=5):
 
 def peak_memory_mb(name, device, batch, repeats=5):
     """Peak memory of an fp32 training step at ``batch`` above the model's weights: the CUDA allocator's
-    peak, or on CPU the growth of peak RSS over the first step in a fresh process per model (RSS peaks cannot be reset in-process,
-    so measuring both models in one process would charge the second with the first's peak)."""
+    peak, or on CPU the median over ``repeats`` fresh processes of the growth of peak RSS over the first step (RSS peaks
+    cannot be reset in-process, so measuring both models in one process would charge the second with the first's peak)."""
     if device == "cuda":
         step = training_step_fn(make_models(device, channels_last=False)[name], device, batch, False)
         step()  # optimizer state allocated: we measure a steady-state step
@@ -105,7 +105,7 @@ def peak_memory_mb(name, device, batch, repeats=5):
         base = torch.cuda.memory_allocated()
         step()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    # RSS growth varies by 10-25% between identical processes (allocator and thread-pool timing): median of several
+    # RSS growth varies by 10-25% between identical processes (allocator and thread-pool timing)
     samples = []
     for _ in range(repeats):
         child = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", name, str(batch)],

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from training.evaluate import default_batch_size, parse_args
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
@@ -60,6 +61,14 @@ def test_evaluate_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path)
     assert resumed["floor"] == first["floor"]
     with pytest.raises(ValueError, match="different setup"):
         evaluate_main([*common, "--steps", "2", "--seed", "1", "--resume"])
+
+
+def test_evaluate_batch_size_follows_the_device_unless_given():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_batch_size(cpu) < default_batch_size(cuda)  # two cores are fastest with small batches
+    assert parse_args(["--model", "m", "--device", "cpu"]).batch_size == default_batch_size(cpu)
+    assert parse_args(["--model", "m", "--device", "cuda"]).batch_size == default_batch_size(cuda)
+    assert parse_args(["--model", "m", "--device", "cpu", "--batch-size", "7"]).batch_size == 7
 
 
 def test_bundled_model_loads_without_the_package_and_generates(tmp_path):
