@@ -65,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
     g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is the paper's choice)")
+    g.add_argument("--snr_gamma", type=float, default=None,
+                   help="Min-SNR loss weighting (5.0 is the paper's choice); it trains low-noise steps about gamma/SNR "
+                        "times less than the plain loss, so give it long runs (README, Evaluation)")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
