@@ -35,6 +35,7 @@ from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCu
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export  # noqa: E402
+from training.evaluate import default_batch_size  # noqa: E402
 
 logger = get_logger("train_ddpm")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -215,9 +216,11 @@ def ema_weights(accelerator, unet, ema):
 
 
 @torch.no_grad()
-def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, output_type, batch_size=250) -> list:
+def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, output_type, batch_size=None) -> list:
     """Images 0..count-1 (image i from seed i, class i mod classes), shared out over the ranks so that
-    nobody waits idle; every rank gets the whole list back, in order."""
+    nobody waits idle; every rank gets the whole list back, in order. Batches as training.evaluate's
+    (64 on CPU, where larger batches are slower; 500 on GPU)."""
+    batch_size = batch_size or default_batch_size(accelerator.device)
     pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler.from_config(noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     classes = model.config.num_class_embeds
