@@ -216,3 +216,27 @@ def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path):
     cmd[cmd.index(str(base))] = str(tmp_path / "missing")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
     assert result.returncode == 2 and "not a pipeline folder" in result.stderr
+
+
+def test_in_training_sampling_batches_like_evaluate(monkeypatch):
+    """Validation grids and --eval_steps sample in training.evaluate's batches (64 on two CPU cores, not 250)."""
+    from accelerate import Accelerator
+
+    from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet
+    from training.evaluate import default_batch_size
+    from training.train_ddpm import sample_on_all_ranks
+
+    calls, original = [], DDPMCustomPipeline.__call__
+
+    def spy(self, *args, batch_size=1, **kwargs):
+        calls.append(batch_size)
+        return original(self, *args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(DDPMCustomPipeline, "__call__", spy)
+    unet = DDPMCustomUNet(sample_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(), norm_num_groups=4, num_class_embeds=3)
+    accelerator = Accelerator(cpu=True)
+    batch = default_batch_size(accelerator.device)
+    images = sample_on_all_ranks(accelerator, unet, DDPMCustomScheduler(), batch + 3, 1, 0.0, "pt")
+    assert calls == [batch, 3]
+    assert len(images) == batch + 3

@@ -216,11 +216,10 @@ def ema_weights(accelerator, unet, ema):
 
 
 @torch.no_grad()
-def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, output_type, batch_size=None) -> list:
+def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, output_type) -> list:
     """Images 0..count-1 (image i from seed i, class i mod classes), shared out over the ranks so that
-    nobody waits idle; every rank gets the whole list back, in order. Batches as training.evaluate's
-    (64 on CPU, where larger batches are slower; 500 on GPU)."""
-    batch_size = batch_size or default_batch_size(accelerator.device)
+    nobody waits idle; every rank gets the whole list back, in order. Batched as training.evaluate does."""
+    batch_size = default_batch_size(accelerator.device)
     pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler.from_config(noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     classes = model.config.num_class_embeds
