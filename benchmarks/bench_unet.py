@@ -26,6 +26,7 @@ from diffusers import UNet2DModel  # noqa: E402
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
+from training.precision import cpu_has_fast_bf16  # noqa: E402
 
 # the bundled model's architecture (models/ddpm-fashion-mnist/unet/config.json)
 OURS = dict(sample_size=28, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -141,6 +142,8 @@ def main():
     models = make_models(device, channels_last=False)
     results = {"device": device, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if device == "cuda" else None,
+               # the bf16 rows depend on it: without fast bf16 (AVX2-only CPUs) autocast is ~12x slower than fp32
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
                "params": {k: params(m) for k, m in models.items()}, "rows": []}
     print(f"parameters: ours {results['params']['ours']:,}  diffusers {results['params']['diffusers']:,}")
 

@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 import torch
 
-from training import data
+from training import data, precision
 from training.train_ddpm import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_column_detection_errors():
     assert data.pick_columns(ds, "a", "y", True) == ("a", "y")
 
 
-def test_image_folder_rgb_and_bf16_on_cpu(tmp_path):
+def test_image_folder_rgb_with_the_shipped_cpu_config(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -111,7 +111,18 @@ def test_image_folder_rgb_and_bf16_on_cpu(tmp_path):
     result = run_training(out, "--train_data_dir", str(folder), "--max_train_steps", "3", "--random_flip",
                           "--checkpointing_steps", "2", launcher=launcher)
     config = json.loads((out / "training_config.json").read_text())
-    assert config["channels"] == 3 and config["mixed_precision"] == "bf16"
+    # bf16 where this CPU runs it fast; elsewhere the config's bf16 becomes fp32, with a warning that says why
+    fast_bf16 = precision.cpu_has_fast_bf16()
+    assert config["channels"] == 3 and config["mixed_precision"] == ("bf16" if fast_bf16 else "no")
+    assert ("accelerate config asks for bf16" in result.stderr) != fast_bf16
+    # the loss curve as users plot it: TensorBoard scalars, through the benchmarks' plotting script
+    curve = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plot_training_loss.py"), str(out / "logs"),
+                            "--window-images", "8", "--out", str(tmp_path / "loss.json"), "--plot", str(tmp_path / "loss.png")],
+                           capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert curve.returncode == 0, curve.stderr[-2000:]
+    logged = json.loads((tmp_path / "loss.json").read_text())
+    assert logged["step"] == [1, 2, 3] and all(np.isfinite(logged["loss"])) and logged["spike_steps"] == []
+    assert Image.open(tmp_path / "loss.png").size[0] > 100
     assert "fewer" not in result.stderr and "memorisation" in result.stderr  # the tiny-dataset warning
     from pipeline_ddpm_custom import DDPMCustomPipeline
 

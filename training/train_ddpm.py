@@ -34,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
-from training import checkpoints, data, export  # noqa: E402
+from training import checkpoints, data, export, precision  # noqa: E402
 from training.evaluate import default_batch_size  # noqa: E402
+from training.loss_spikes import LossSpikeMonitor  # noqa: E402
 
 logger = get_logger("train_ddpm")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -67,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
     g.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     g.add_argument("--snr_gamma", type=float, default=None,
-                   help="Min-SNR loss weighting (5.0 is the paper's choice); it trains low-noise steps about gamma/SNR "
-                        "times less than the plain loss, so give it long runs (README, Evaluation)")
+                   help="Min-SNR loss weighting (5.0 is the paper's choice): the loss of a step at signal-to-noise "
+                        "ratio SNR times min(SNR, gamma)/SNR for epsilon, min(SNR, gamma)/(SNR + 1) for v-prediction")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -85,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--adam_weight_decay", type=float, default=0.0)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate config")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the accelerate config's, except that bf16 on a CPU without fast bf16 becomes fp32 (training/precision.py)")
     g.add_argument("--max_nonfinite_steps", type=int, default=20, help="stop after this many non-finite losses in a row")
     g = p.add_argument_group("EMA")
     g.add_argument("--ema_max_decay", type=float, default=0.9999)
@@ -321,14 +322,18 @@ def train(args) -> int:
     for noisy in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per saved file otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     checkpoints_dir = os.path.join(args.output_dir, "checkpoints")
+    mixed_precision, precision_warning = precision.resolve_mixed_precision(
+        args.mixed_precision, precision.runs_on_cpu(), precision.cpu_has_fast_bf16(), precision.configured_mixed_precision())
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
     set_seed(args.seed)
+    if precision_warning:
+        logger.warning(precision_warning, main_process_only=True)
 
     # ---- data ---------------------------------------------------------------------------------
     with accelerator.main_process_first():  # rank 0 downloads / converts first, the others reuse its cache
@@ -409,6 +414,7 @@ def train(args) -> int:
     # ---- train -------------------------------------------------------------------------------
     progress = tqdm(total=max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
     sample_grid, window_losses, window_ok, consecutive_nonfinite = None, [], True, 0
+    spikes = LossSpikeMonitor()
     last_time, images_since = time.perf_counter(), 0
     unet.train()
     first_epoch = micro_step // len(loader)
@@ -476,6 +482,13 @@ def train(args) -> int:
                         "train/ema_decay": ema.cur_decay_value or 0.0, "train/nonfinite_steps": nonfinite_total}
                 if grad_norm is not None:
                     logs["train/grad_norm"] = float(grad_norm)
+                spike = spikes.update(mean_loss, len(window_losses) * global_batch)
+                logs["train/loss_spikes"] = spikes.count
+                if spike:
+                    logger.warning(
+                        f"loss spike at step {global_step}: {mean_loss:.4f} is {spike:.1f}x the recent median "
+                        f"({spikes.count} so far). Repeated spikes mean an unstable run whose samples will be grainy: "
+                        "restart with a lower --learning_rate (a 6.5M model spiked at 5e-4, batch 512).", main_process_only=True)
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{speed:.0f}")
                 last_time, images_since = now, 0

@@ -1,0 +1,100 @@
+"""The training loop's guards: bf16 only where the CPU runs it fast, and loss-spike warnings."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import precision
+from training.loss_spikes import LossSpikeMonitor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "flag,on_cpu,fast,configured,expected,warns",
+    [
+        (None, True, False, "bf16", "no", "training in fp32"),  # the shipped CPU config on an AVX2-only CPU
+        ("bf16", True, False, None, "bf16", "--mixed_precision no"),  # asked for explicitly: kept, with the warning
+        (None, True, True, "bf16", None, None),  # fast bf16: the config's choice stands
+        (None, False, False, "bf16", None, None),  # a GPU: not the CPU's business
+        ("no", True, False, "bf16", "no", None),
+        (None, True, False, "no", None, None),
+        (None, True, False, None, None, None),  # not launched through accelerate
+    ],
+)
+def test_mixed_precision_falls_back_only_where_bf16_is_slow(flag, on_cpu, fast, configured, expected, warns):
+    chosen, warning = precision.resolve_mixed_precision(flag, on_cpu, fast, configured)
+    assert chosen == expected
+    if warns is None:
+        assert warning is None
+    else:
+        assert warns in warning and "12x slower" in warning
+
+
+def test_fast_bf16_check_agrees_with_a_timing():
+    """The check is a private torch call: time a bf16 and an fp32 convolution so that a wrong answer shows."""
+    import time
+
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(32, 64, 28, 28)
+
+    def seconds(bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            conv(x)  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                conv(x)
+            return time.perf_counter() - start
+
+    ratio = seconds(True) / seconds(False)
+    if precision.cpu_has_fast_bf16():
+        assert ratio < 3, f"bf16 reported fast but {ratio:.1f}x slower than fp32"
+    else:
+        assert ratio > 3, f"bf16 reported slow but only {ratio:.1f}x slower than fp32"
+
+
+def test_steady_noisy_losses_raise_no_spike():
+    rng = np.random.default_rng(0)
+    monitor = LossSpikeMonitor()
+    # a healthy run: fast descent, then a plateau with 10% noise between logging windows
+    losses = list(np.linspace(1.0, 0.2, 30)) + list(0.15 * (1 + 0.1 * rng.standard_normal(500)))
+    assert all(monitor.update(float(x), num_samples=640) is None for x in losses)
+    assert monitor.count == 0
+
+
+def test_a_jump_over_twice_the_median_is_a_spike():
+    monitor = LossSpikeMonitor()
+    for _ in range(10):
+        assert monitor.update(0.15, num_samples=640) is None
+    assert monitor.update(0.45, num_samples=640) == pytest.approx(3.0)
+    assert monitor.update(0.2, num_samples=640) is None  # below 1.5 times the median
+    assert monitor.update(0.9, num_samples=5) is None  # a 5-image window is too noisy to judge
+    assert monitor.update(float("nan"), num_samples=640) is None
+    assert monitor.count == 1
+
+
+def test_needs_some_history_first():
+    monitor = LossSpikeMonitor(min_history=5)
+    assert [monitor.update(x, num_samples=640) for x in (0.1, 0.5, 0.1, 0.6, 0.1)] == [None] * 5
+    assert monitor.update(0.6, num_samples=640) is not None
+
+
+def test_flags_the_unstable_h100_run_and_not_the_bundled_models_run():
+    """Real logged losses: the 6.5M H100 run at lr 5e-4 (unstable, FID 170-180) and a stable run."""
+    runs = json.loads((ROOT / "benchmarks" / "results" / "loss-h100-v64-lr5e-4.json").read_text())
+    unstable = LossSpikeMonitor()
+    flagged = [unstable.update(x, num_samples=runs["window_images"]) for x in runs["loss"]]
+    assert unstable.count >= 10 and flagged.index(next(f for f in flagged if f)) < 40  # caught within 2,000 steps
+    stable_runs = json.loads((ROOT / "benchmarks" / "results" / "loss-cpu-lr2e-4.json").read_text())
+    stable = LossSpikeMonitor()
+    for x in stable_runs["loss"]:
+        stable.update(x, num_samples=stable_runs["window_images"])
+    assert stable.count == 0
+
+
+def test_bad_factor_is_refused():
+    with pytest.raises(ValueError, match="factor must exceed 1"):
+        LossSpikeMonitor(factor=1.0)
