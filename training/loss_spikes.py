@@ -3,7 +3,8 @@
 A run whose logged loss keeps jumping far above its recent level is unstable, and its EMA samples
 come out grainy long before anything goes non-finite. Seen on an H100: a 6.5M-parameter model at
 lr 5e-4, batch 512 logged 50-step mean losses anywhere between 0.09 and 0.87 (grad norms up to 5)
-and sampled at FID 170-180; the bundled 1.6M model's runs did not. Warning early saves the GPU hours.
+and sampled at FID 170-180; the same model at batch 64 in fp32 on a CPU did not spike. Warning early
+saves the GPU hours.
 """
 
 import statistics

@@ -488,7 +488,8 @@ def train(args) -> int:
                     logger.warning(
                         f"loss spike at step {global_step}: {mean_loss:.4f} is {spike:.1f}x the recent median "
                         f"({spikes.count} so far). Repeated spikes mean an unstable run whose samples will be grainy: "
-                        "restart with a lower --learning_rate (a 6.5M model spiked at 5e-4, batch 512).", main_process_only=True)
+                        "restart with a lower --learning_rate (a 6.5M model spiked at 5e-4, batch 512 in bf16), a smaller batch "
+                        "or --mixed_precision no.", main_process_only=True)
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{speed:.0f}")
                 last_time, images_since = now, 0
