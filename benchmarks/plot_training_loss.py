@@ -49,7 +49,8 @@ def main(argv=None):
     steps = [s for s, _ in scalars["train/loss"]]
     loss = [v for _, v in scalars["train/loss"]]
     monitor = LossSpikeMonitor()
-    spikes = [s for s, x in zip(steps, loss) if monitor.update(x, args.window_images)]
+    spiked = [(s, x) for s, x in zip(steps, loss) if monitor.update(x, args.window_images)]
+    spikes = [s for s, _ in spiked]
     record = {"log_dir": args.log_dir, "window_images": args.window_images, "step": steps, "loss": loss,
               "grad_norm": [v for _, v in scalars.get("train/grad_norm", [])],
               "fid": scalars.get("eval/fid", []), "spike_steps": spikes}
@@ -66,7 +67,7 @@ def main(argv=None):
 
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
         top.plot(steps, loss, lw=1, label=f"loss (mean of {args.window_images:,} images)")
-        top.scatter(spikes, [loss[steps.index(s)] for s in spikes], color="red", s=12, zorder=3, label="spike")
+        top.scatter(spikes, [x for _, x in spiked], color="red", s=12, zorder=3, label="spike")
         top.set_ylabel("loss")
         top.legend(loc="upper right")
         if scalars.get("train/grad_norm"):

@@ -7,6 +7,7 @@ and sampled at FID 170-180; the same model at batch 64 in fp32 on a CPU did not 
 saves the GPU hours.
 """
 
+import math
 import statistics
 from collections import deque
 from typing import Optional
@@ -27,7 +28,7 @@ class LossSpikeMonitor:
     def update(self, loss: float, num_samples: int) -> Optional[float]:
         """Record one logged loss (the mean over ``num_samples`` images); return its ratio to the
         recent median when it is a spike, else None."""
-        if num_samples < self.min_samples or loss != loss:  # too few images, or NaN (handled elsewhere)
+        if num_samples < self.min_samples or math.isnan(loss):  # too few images, or NaN (handled elsewhere)
             return None
         ratio = None
         if len(self.recent) >= self.min_history:

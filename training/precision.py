@@ -11,6 +11,7 @@ import os
 from typing import Optional, Tuple
 
 import torch
+from accelerate.utils import parse_flag_from_env
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -23,8 +24,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def runs_on_cpu() -> bool:
     """Whether accelerate will place this process on the CPU (no GPU, or `accelerate launch --cpu`)."""
-    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return forced or not torch.cuda.is_available()
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()  # as accelerate reads it
 
 
 def resolve_mixed_precision(flag: Optional[str], on_cpu: bool, fast_bf16: bool,
