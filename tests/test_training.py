@@ -1,6 +1,7 @@
 """The training script, run as users run it (subprocesses, accelerate launch), on tiny settings."""
 
 import gzip
+import importlib.util
 import json
 import os
 import signal
@@ -132,6 +133,25 @@ def test_image_folder_rgb_with_the_shipped_cpu_config(tmp_path):
     assert (out / "unet" / "diffusion_pytorch_model.non_ema.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+
+
+def logged_losses(output_dir):
+    """{step: train/loss} from a run's TensorBoard logs, read by the benchmarks' plotting script."""
+    spec = importlib.util.spec_from_file_location("plot_training_loss", ROOT / "benchmarks" / "plot_training_loss.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    return dict(plot.read_scalars(str(Path(output_dir) / "logs"))["train/loss"])
+
+
+def test_logged_loss_is_the_mean_over_its_logging_window(tmp_path):
+    """A loss logged every 4 steps is the mean of the 4 steps' losses (two runs with the same seed), not
+    the last step's alone: the spike warning and the loss curves read these windows."""
+    run_training(tmp_path / "every", "--max_train_steps", "4", "--logging_steps", "1")
+    run_training(tmp_path / "window", "--max_train_steps", "4", "--logging_steps", "4")
+    per_step, windowed = logged_losses(tmp_path / "every"), logged_losses(tmp_path / "window")
+    assert sorted(per_step) == [1, 2, 3, 4] and sorted(windowed) == [4]
+    assert windowed[4] == pytest.approx(np.mean([per_step[s] for s in (1, 2, 3, 4)]), rel=1e-5)
+    assert windowed[4] != pytest.approx(per_step[4], rel=1e-3)  # the steps differ enough to tell the two apart
 
 
 def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):

@@ -492,8 +492,8 @@ def train(args) -> int:
                         "or --mixed_precision no.", main_process_only=True)
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{speed:.0f}")
-                last_time, images_since = now, 0
-            window_losses = []
+                # the window is every micro-batch since the last log, not just this step's
+                last_time, images_since, window_losses = now, 0, []
 
             if args.validation_steps and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
                 sample_grid = sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, global_step)
