@@ -184,3 +184,33 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
     assert [r["t"] for r in rows][-1] == 999 and max(r["x0_mse"] for r in rows) < 1e-6
     zeros = SimpleNamespace(unet=lambda x_t, t, class_labels=None: SimpleNamespace(sample=torch.zeros_like(x_t)), scheduler=scheduler)
     assert max(r["x0_mse"] for r in x0_errors(zeros, x0, None)) > 0.1
+
+
+def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
+    """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
+    raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from background_haze import dehaze, main as haze_main, pixel_shares
+
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    results = haze_main(["--model", str(tmp_path / "model"), "--num-samples", "300", "--steps", "2",
+                         "--noise-levels", "0", "16", "--device", "cpu", "--out", str(tmp_path / "haze.json")])
+    assert json.loads((tmp_path / "haze.json").read_text())["setup"]["num_samples"] == 300
+    # the same 300 train images, counted from the IDX file directly: all black pixels and the faint 1-3 band
+    from training.evaluate import real_images
+
+    raw = np.frombuffer(gzip.open("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
+    order = np.random.default_rng(1).permutation(60000)[:300]
+    picked = raw.reshape(-1, 28, 28)[order]
+    real = results["pixels"]["real"]
+    assert real["black (<0.5)"] == pytest.approx((picked == 0).mean(), abs=1e-6)
+    assert real["1-3"] == pytest.approx(((picked >= 1) & (picked <= 3)).mean(), abs=1e-6)
+    assert sum(real.values()) == pytest.approx(1.0, abs=1e-6)
+    clean, noisy = results["noise_calibration"]
+    assert noisy["fid"] > 2 * clean["fid"] and noisy["pixels"]["black (<0.5)"] < real["black (<0.5)"]
+    # the diagnostic only ever blackens faint pixels
+    images = real_images("train", 300, 1, torch.device("cpu"))
+    assert torch.equal(dehaze(images, 16)[images * 255 >= 16], images[images * 255 >= 16])
+    assert pixel_shares(dehaze(images, 16))["4-15"] == 0
