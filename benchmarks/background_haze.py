@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
-from training.evaluate import default_batch_size, feed, load_extractor, make_metrics, real_images, sample, scores  # noqa: E402
+from training.evaluate import (  # noqa: E402
+    SAMPLING_SETTINGS, default_batch_size, feed, load_extractor, make_metrics, real_images, sample, scores)
 
 
 def pixel_shares(images: torch.Tensor) -> dict:
@@ -84,7 +85,8 @@ def main(argv=None) -> dict:
     results = {
         "setup": {"model": args.model, "num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,
                   "seed": args.seed, "extractor": "offline", "reference": "fashion-mnist test (10000 images)",
-                  "haze_threshold": args.haze_threshold, "device": str(device)},
+                  "haze_threshold": args.haze_threshold, "device": str(device),
+                  "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}},
         "noise_calibration": calibration,
         "pixels": {"real": pixel_shares(real), "samples": pixel_shares(samples)},
         "samples": score(samples),

@@ -42,6 +42,8 @@ def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
     # an untrained model is far from the data; two real splits are close
     assert results["floor"]["fid"] < min(r["fid"] for r in results["runs"])
     assert abs(sum(results["runs"][0]["class_histogram"]) - 1) < 1e-6
+    saved = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert results["runs"][0]["scheduler"] == {k: saved[k] for k in ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")}
     assert Image.open(tmp_path / "curve.png").size[0] > 100
 
 

@@ -27,6 +27,9 @@ from training import data
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
 
+SAMPLING_SETTINGS = ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")
+
+
 def load_extractor(name: str, device):
     if name == "offline":
         if not os.path.isdir(FEATURES_DIR):
@@ -205,7 +208,9 @@ def main(argv=None):
             feed((fid, kid), images, False, extractor)
             run = {"sampler": "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}"), "eta": eta,
                    "steps": steps, **scores(fid, kid), "class_histogram": class_histogram(images, classifier),
-                   "seconds": round(time.time() - start, 1), "device": str(device)}
+                   "seconds": round(time.time() - start, 1), "device": str(device),
+                   # the scheduler settings that change samples without changing the model folder's name
+                   "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}}
             results["runs"].append(run)
             print(f"{run['sampler']:>15} {steps:>5} steps: FID {run['fid']:.3f}  KID {run['kid']:.5f}  "
                   f"classes {min(run['class_histogram']):.3f}..{max(run['class_histogram']):.3f}", flush=True)
