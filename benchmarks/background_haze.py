@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
 from training.evaluate import (  # noqa: E402
-    SAMPLING_SETTINGS, default_batch_size, feed, load_extractor, make_metrics, real_images, sample, scores)
+    SAMPLING_SETTINGS, default_batch_size, feed, load_extractor, make_metrics, real_images, sample, score_images)
 
 
 def pixel_shares(images: torch.Tensor) -> dict:
@@ -66,9 +66,7 @@ def main(argv=None) -> dict:
     feed((fid, kid), real_images("test", 10_000, args.seed, device), True, extractor)
 
     def score(images):
-        fid.reset(), kid.reset()
-        feed((fid, kid), images, False, extractor)
-        return scores(fid, kid)
+        return score_images(fid, kid, images, extractor)
 
     # the same train subset as training.evaluate's real-vs-real floor
     real = real_images("train", args.num_samples, args.seed + 1, device)

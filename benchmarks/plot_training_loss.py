@@ -94,8 +94,7 @@ def main(argv=None):
     else:
         record = record_from_logs(args.source, args.window_images)
     spiked = mark_spikes(record)
-    record["spike_steps"] = [s for s, _ in spiked]
-    spikes = record["spike_steps"]
+    spikes = record["spike_steps"] = [s for s, _ in spiked]
     print(f"{len(record['step'])} logged losses, {len(spikes)} spikes (over 1.5x the recent median)"
           + (f" at steps {spikes[:10]}{'...' if len(spikes) > 10 else ''}" if spikes else ""))
     if args.out:

@@ -191,10 +191,10 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
     raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
-    import gzip
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from background_haze import dehaze, main as haze_main, pixel_shares
+
+    from training import data
 
     tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
     results = haze_main(["--model", str(tmp_path / "model"), "--num-samples", "300", "--steps", "2",
@@ -203,9 +203,8 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     # the same 300 train images, counted from the IDX file directly: all black pixels and the faint 1-3 band
     from training.evaluate import real_images
 
-    raw = np.frombuffer(gzip.open("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").read(), np.uint8, offset=16)
-    order = np.random.default_rng(1).permutation(60000)[:300]
-    picked = raw.reshape(-1, 28, 28)[order]
+    raw = data.read_idx(os.path.join(data.FASHION_MNIST_IDX, "train-images-idx3-ubyte.gz"))
+    picked = raw[np.random.default_rng(1).permutation(len(raw))[:300]]
     real = results["pixels"]["real"]
     assert real["black (<0.5)"] == pytest.approx((picked == 0).mean(), abs=1e-6)
     assert real["1-3"] == pytest.approx(((picked >= 1) & (picked <= 3)).mean(), abs=1e-6)

@@ -114,6 +114,13 @@ def scores(fid, kid) -> dict:
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
+def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
+    """FID and KID of `images` against the reference already fed to both metrics (kept across resets)."""
+    fid.reset(), kid.reset()
+    feed((fid, kid), images, False, extractor)
+    return scores(fid, kid)
+
+
 @torch.no_grad()
 def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size: int, guidance_scale: float) -> torch.Tensor:
     classes = pipe.unet.config.num_class_embeds
@@ -189,9 +196,7 @@ def main(argv=None):
     if args.floor and "floor" not in results:
         other = "train" if args.reference == "test" else "test"
         real = real_images(other, args.num_samples, args.seed + 1, device, args.dataset_name)
-        fid.reset(), kid.reset()
-        feed((fid, kid), real, False, extractor)
-        results["floor"] = {**scores(fid, kid), "what": f"real vs real: {args.num_samples} {other} images vs the reference",
+        results["floor"] = {**score_images(fid, kid, real, extractor), "what": f"real vs real: {args.num_samples} {other} images vs the reference",
                             "class_histogram": class_histogram(real, classifier)}
         print(f"floor: FID {results['floor']['fid']:.3f}  KID {results['floor']['kid']:.5f}", flush=True)
         save()
@@ -204,10 +209,8 @@ def main(argv=None):
                 continue
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
-            fid.reset(), kid.reset()
-            feed((fid, kid), images, False, extractor)
             run = {"sampler": "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}"), "eta": eta,
-                   "steps": steps, **scores(fid, kid), "class_histogram": class_histogram(images, classifier),
+                   "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
                    "seconds": round(time.time() - start, 1), "device": str(device),
                    # the scheduler settings that change samples without changing the model folder's name
                    "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}}
