@@ -215,3 +215,55 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     images = real_images("train", 300, 1, torch.device("cpu"))
     assert torch.equal(dehaze(images, 16)[images * 255 >= 16], images[images * 255 >= 16])
     assert pixel_shares(dehaze(images, 16))["4-15"] == 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_epsilon_scaling_matches_diffusers_ddim_fed_the_scaled_noise(prediction_type):
+    """benchmarks/epsilon_scaling.py: a DDIM step on the rescaled output of any prediction type equals
+    diffusers' epsilon DDIMScheduler stepping with eps / lambda, eps taken from diffusers' own x0."""
+    from diffusers import DDIMScheduler
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from epsilon_scaling import scale_epsilon
+
+    kind_ddim = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
+    eps_ddim = DDIMScheduler(prediction_type="epsilon", clip_sample=False)
+    for scheduler in (kind_ddim, eps_ddim):
+        scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(0)
+    for t in kind_ddim.timesteps[[0, 25, 49]]:
+        x_t, output = torch.randn(2, 1, 8, 8, generator=generator), torch.randn(2, 1, 8, 8, generator=generator)
+        abar = kind_ddim.alphas_cumprod[t]
+        x0 = kind_ddim.step(output, t, x_t, eta=0.0).pred_original_sample
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        expected = eps_ddim.step(eps / 1.01, t, x_t, eta=0.0).prev_sample
+        scaled = kind_ddim.step(scale_epsilon(output, x_t, abar, 1.01, prediction_type), t, x_t, eta=0.0).prev_sample
+        torch.testing.assert_close(scaled, expected, rtol=1e-4, atol=1e-4)
+        if t > 0:  # at t = 0 the step returns x0, which sqrt(1 - abar_0) = 0.01 leaves almost untouched
+            assert not torch.allclose(kind_ddim.step(output, t, x_t, eta=0.0).prev_sample, expected, atol=1e-3)
+
+
+def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
+    """The context manager changes the pipeline's samples only while it is open (scale 1 changes nothing),
+    and the script writes one scored run per scale."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from epsilon_scaling import epsilon_scaled, main as scaling_main
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        return pipe(batch_size=2, num_inference_steps=4, eta=0.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    plain = draw()
+    with epsilon_scaled(pipe, 1.0):
+        torch.testing.assert_close(draw(), plain)
+    with epsilon_scaled(pipe, 1.2):
+        assert not torch.allclose(draw(), plain, atol=1e-3)
+    torch.testing.assert_close(draw(), plain)
+    pipe.save_pretrained(tmp_path / "model")
+    results = scaling_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "2",
+                            "--scales", "1", "1.2", "--device", "cpu", "--out", str(tmp_path / "scaling.json")])
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert [run["scale"] for run in saved["runs"]] == [1.0, 1.2] and saved == json.loads(json.dumps(results))
+    assert all(run["fid"] > 0 and sum(run["pixels"].values()) == pytest.approx(1.0, abs=1e-6) for run in saved["runs"])
