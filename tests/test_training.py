@@ -229,17 +229,27 @@ def test_push_to_hub_round_trip(tmp_path):
 
 def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path):
     """--pretrained_model starts from the saved EMA weights (a near-zero learning rate keeps them) and
-    exports with the new scheduler; a model that does not fit the data is refused with what to change."""
+    exports with the new prediction type but the pretrained scheduler's sampling settings; a different
+    noise schedule is warned about; a model that does not fit the data is refused with what to change."""
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     run_training(base, "--max_train_steps", "2", "--checkpointing_steps", "2")
-    run_training(tuned, "--max_train_steps", "1", "--checkpointing_steps", "1", "--pretrained_model", str(base),
-                 "--prediction_type", "v_prediction", "--learning_rate", "1e-12", "--lr_warmup_steps", "0")
+    base_scheduler = base / "scheduler" / "scheduler_config.json"
+    base_config = json.loads(base_scheduler.read_text())
+    assert base_config["clip_sample"] is True and base_config["timestep_spacing"] == "leading"  # the defaults
+    base_scheduler.write_text(json.dumps({**base_config, "clip_sample": False, "timestep_spacing": "trailing"}))
+    result = run_training(tuned, "--max_train_steps", "1", "--checkpointing_steps", "1", "--pretrained_model", str(base),
+                          "--prediction_type", "v_prediction", "--learning_rate", "1e-12", "--lr_warmup_steps", "0")
+    assert "trained with" not in result.stderr  # same noise schedule: no warning
     before, after = unet_weights(base), unet_weights(tuned)
     assert before.keys() == after.keys()
     for name in before:
         torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6)
     scheduler = json.loads((tuned / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
+    assert scheduler["clip_sample"] is False and scheduler["timestep_spacing"] == "trailing"
+    result = run_training(tmp_path / "other-schedule", "--max_train_steps", "1", "--pretrained_model", str(base),
+                          "--beta_schedule", "squaredcos_cap_v2")
+    assert "trained with beta_schedule='linear'" in result.stderr and "--beta_schedule 'linear'" in result.stderr
 
     cmd = [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), *TINY, "--resolution", "16", "--pretrained_model", str(base)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)

@@ -197,6 +197,31 @@ def load_pretrained_unet(source: str, resolution: int, channels: int, num_classe
     return unet
 
 
+# scheduler settings that only change how a trained model is sampled, never what it is trained on
+SAMPLING_ONLY_SETTINGS = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+                          "sample_max_value", "timestep_spacing", "steps_offset")
+
+
+def build_noise_scheduler(args) -> DDPMCustomScheduler:
+    """The noise schedule the arguments train on. A fine-tune keeps the pretrained pipeline's sampling-only
+    settings (the bundled model's clip_sample=False, say), so that its export samples as the pipeline it came
+    from did; the schedule itself and the prediction type are the arguments', with a warning where the
+    schedule differs from the one the pretrained model learnt."""
+    sampling = {}
+    if args.pretrained_model:
+        try:
+            pretrained = DDPMCustomScheduler.load_config(args.pretrained_model, subfolder="scheduler")
+        except OSError:  # a pipeline saved without a scheduler: nothing to keep
+            pretrained = {}
+        sampling = {k: pretrained[k] for k in SAMPLING_ONLY_SETTINGS if k in pretrained}
+        for key in ("num_train_timesteps", "beta_schedule"):
+            if key in pretrained and pretrained[key] != getattr(args, key):
+                logger.warning(f"--pretrained_model {args.pretrained_model} was trained with {key}={pretrained[key]!r}, this "
+                               f"fine-tune uses --{key} {getattr(args, key)!r}: pass --{key} {pretrained[key]!r} to keep its noise schedule.")
+    return DDPMCustomScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                               prediction_type=args.prediction_type, **sampling)
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """The seed of one micro-step on one rank: a pure function, so a resumed run draws the same numbers."""
     return (seed * 1_000_003 + micro_step * 8191 + rank) % (2**63 - 1)
@@ -361,8 +386,7 @@ def train(args) -> int:
     unet = build_unet(args, channels, num_classes)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    noise_scheduler = DDPMCustomScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
-                                          prediction_type=args.prediction_type)
+    noise_scheduler = build_noise_scheduler(args)
     ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
                    power=args.ema_power, foreach=True, model_cls=DDPMCustomUNet, model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
