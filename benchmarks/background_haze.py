@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
 from training.evaluate import (  # noqa: E402
-    SAMPLING_SETTINGS, default_batch_size, feed, load_extractor, make_metrics, real_images, sample, score_images)
+    SAMPLING_SETTINGS, default_batch_size, load_extractor, real_images, reference_metrics, sample, score_images)
 
 
 def pixel_shares(images: torch.Tensor) -> dict:
@@ -62,8 +62,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     extractor = load_extractor("offline", device)
-    fid, kid = make_metrics(extractor, args.num_samples, device)
-    feed((fid, kid), real_images("test", 10_000, args.seed, device), True, extractor)
+    fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
 
     def score(images):
         return score_images(fid, kid, images, extractor)

@@ -24,37 +24,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
+from pipeline_ddpm_custom.losses import training_target  # noqa: E402
 from training.evaluate import (  # noqa: E402
-    SAMPLING_SETTINGS, default_batch_size, feed, load_extractor, make_metrics, real_images, sample, score_images)
+    SAMPLING_SETTINGS, default_batch_size, load_extractor, reference_metrics, sample, score_images)
 
 
-def scale_epsilon(model_output, sample_, abar_t, scale: float, prediction_type: str):
-    """The model output whose implied noise is eps / scale, with x0 = (x_t - sqrt(1 - abar) eps') / sqrt(abar)."""
-    a, s = abar_t.sqrt(), (1 - abar_t).sqrt()
-    if prediction_type == "epsilon":
-        return model_output / scale
-    if prediction_type == "v_prediction":
-        eps = (s * sample_ + a * model_output) / scale
-        x0 = (sample_ - s * eps) / a
-        return a * eps - s * x0
-    if prediction_type == "sample":
-        eps = (sample_ - a * model_output) / s / scale
-        return (sample_ - s * eps) / a
-    raise ValueError(f"Unknown prediction_type {prediction_type!r}: use epsilon, v_prediction or sample.")
+def scale_epsilon(scheduler, model_output, sample_, timestep, scale: float):
+    """The model output whose implied noise is eps / scale, with x0 = (x_t - sqrt(1 - abar) eps') / sqrt(abar),
+    converted with the scheduler's own prediction-type algebra (the same as its step and training use)."""
+    t = scheduler._check_timestep(timestep)
+    _, eps = scheduler._predict_x0_and_eps(model_output, sample_, float(scheduler.alphas_cumprod[t]))
+    eps = eps / scale
+    return training_target(scheduler, scheduler.predict_start_from_noise(sample_, t, eps), eps, torch.tensor(t))
 
 
 @contextlib.contextmanager
 def epsilon_scaled(pipe, scale: float):
     """Within the block, pipe.unet's outputs are epsilon-scaled by `scale` for pipe.scheduler's noise levels."""
     unet, forward = pipe.unet, pipe.unet.forward
-    abar = pipe.scheduler.alphas_cumprod
-    kind = pipe.scheduler.config.prediction_type
 
     def scaled_forward(x, t, *args, **kwargs):
         out = forward(x, t, *args, **kwargs)
-        steps = torch.as_tensor(t).reshape(-1).long().cpu()
-        abar_t = abar[steps].to(x.device, torch.float32).view(-1, 1, 1, 1)
-        out.sample = scale_epsilon(out.sample.float(), x.float(), abar_t, scale, kind).to(out.sample.dtype)
+        out.sample = scale_epsilon(pipe.scheduler, out.sample.float(), x.float(), t, scale).to(out.sample.dtype)
         return out
 
     patched_already = "forward" in vars(unet)  # e.g. an accelerate hook's wrapper: put it back as it was
@@ -90,8 +81,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     extractor = load_extractor("offline", device)
-    fid, kid = make_metrics(extractor, args.num_samples, device)
-    feed((fid, kid), real_images("test", 10_000, args.seed, device), True, extractor)
+    fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
     results = {"setup": {"model": args.model, "num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,

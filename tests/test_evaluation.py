@@ -223,9 +223,12 @@ def test_epsilon_scaling_matches_diffusers_ddim_fed_the_scaled_noise(prediction_
     diffusers' epsilon DDIMScheduler stepping with eps / lambda, eps taken from diffusers' own x0."""
     from diffusers import DDIMScheduler
 
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from epsilon_scaling import scale_epsilon
 
+    ours = DDPMCustomScheduler(prediction_type=prediction_type)
     kind_ddim = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
     eps_ddim = DDIMScheduler(prediction_type="epsilon", clip_sample=False)
     for scheduler in (kind_ddim, eps_ddim):
@@ -237,7 +240,7 @@ def test_epsilon_scaling_matches_diffusers_ddim_fed_the_scaled_noise(prediction_
         x0 = kind_ddim.step(output, t, x_t, eta=0.0).pred_original_sample
         eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         expected = eps_ddim.step(eps / 1.01, t, x_t, eta=0.0).prev_sample
-        scaled = kind_ddim.step(scale_epsilon(output, x_t, abar, 1.01, prediction_type), t, x_t, eta=0.0).prev_sample
+        scaled = kind_ddim.step(scale_epsilon(ours, output, x_t, t, 1.01), t, x_t, eta=0.0).prev_sample
         torch.testing.assert_close(scaled, expected, rtol=1e-4, atol=1e-4)
         if t > 0:  # at t = 0 the step returns x0, which sqrt(1 - abar_0) = 0.01 leaves almost untouched
             assert not torch.allclose(kind_ddim.step(output, t, x_t, eta=0.0).prev_sample, expected, atol=1e-3)

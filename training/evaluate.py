@@ -109,16 +109,19 @@ def feed(metric_pair, images, real: bool, extractor, batch: int = 1000):
             metric.update(chunk, real=real)
 
 
-def scores(fid, kid) -> dict:
-    kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+def reference_metrics(extractor, num_samples: int, seed: int, device, split: str = "test", dataset_name=None):
+    """FID and KID metrics already fed the 10,000 reference images of `split` (kept across resets)."""
+    fid, kid = make_metrics(extractor, num_samples, device)
+    feed((fid, kid), real_images(split, 10_000, seed, device, dataset_name), True, extractor)
+    return fid, kid
 
 
 def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
     """FID and KID of `images` against the reference already fed to both metrics (kept across resets)."""
     fid.reset(), kid.reset()
     feed((fid, kid), images, False, extractor)
-    return scores(fid, kid)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
 @torch.no_grad()
@@ -178,10 +181,8 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     extractor = load_extractor(args.extractor, device)
     classifier = extractor if extractor is not None else load_extractor("offline", device)
-    fid, kid = make_metrics(extractor, args.num_samples, device)
-    reference = real_images(args.reference, 10_000, args.seed, device, args.dataset_name)
-    feed((fid, kid), reference, True, extractor)
-    setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({len(reference)} images)",
+    fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device, args.reference, args.dataset_name)
+    setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({int(fid.real_features_num_samples)} images)",
              "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model}
     results = {"setup": setup, "runs": []}
     if args.resume:
