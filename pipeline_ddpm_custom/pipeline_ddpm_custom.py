@@ -89,6 +89,22 @@ class DDPMCustomPipeline(DiffusionPipeline):
         guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([guided, cond[:, c:]], dim=1)
 
+    def _set_chain(self, num_inference_steps, timesteps, device):
+        """Set the scheduler's timesteps, ``num_inference_steps`` of its own spacing or the caller's list, and
+        return the number of steps (what ``strength`` is a fraction of)."""
+        if timesteps is None:
+            if num_inference_steps is None:
+                num_inference_steps = getattr(self.scheduler.config, "num_train_timesteps", 1000)
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return num_inference_steps
+        if num_inference_steps is not None:
+            raise ValueError("Pass either num_inference_steps or timesteps, not both.")
+        if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(f"{type(self.scheduler).__name__} does not take custom timesteps; pass num_inference_steps, "
+                             "or use a scheduler whose set_timesteps accepts timesteps (DDPMCustomScheduler).")
+        self.scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=device)
+        return len(timesteps)
+
     # ---- the loop ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -97,6 +113,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         num_inference_steps: Optional[int] = None,
+        timesteps: Optional[List[int]] = None,
         eta: float = 1.0,
         class_labels: Union[int, List[int], torch.Tensor, None] = None,
         guidance_scale: float = 1.0,
@@ -111,6 +128,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
         """Seed `p_sample_loop`: x_T ~ N(0, I) * init_noise_sigma, then scheduler.step for every timestep.
 
         num_inference_steps: chain length (default: the scheduler's full training chain).
+        timesteps: your own descending chain instead (e.g. denser near t = 0), for schedulers whose
+        ``set_timesteps`` takes ``timesteps`` (this one, diffusers' DDPMScheduler).
         eta: 1 = DDPM ancestral, 0 = DDIM (passed to schedulers that take it).
         class_labels, guidance_scale: class conditioning with classifier-free guidance (scale > 1).
         image, strength: seed `sample(start_step, prior)`: noise ``image`` (PIL / array in [0, 1], one or
@@ -129,9 +148,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         labels = self._class_labels(class_labels, batch_size)
 
-        if num_inference_steps is None:
-            num_inference_steps = getattr(self.scheduler.config, "num_train_timesteps", 1000)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        num_inference_steps = self._set_chain(num_inference_steps, timesteps, device)
         timesteps = self.scheduler.timesteps
 
         if image is not None:  # start part-way up the chain from a noised image

@@ -270,3 +270,29 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert [run["scale"] for run in saved["runs"]] == [1.0, 1.2] and saved == json.loads(json.dumps(results))
     assert all(run["fid"] > 0 and sum(run["pixels"].values()) == pytest.approx(1.0, abs=1e-6) for run in saved["runs"])
+
+
+def test_timestep_placement_benchmark_runs_the_chains_it_names(tmp_path):
+    """benchmarks/timestep_placement.py: each placement is a descending chain from the top (0.8 T for the DDIM
+    paper's quadratic) to 0, denser near 0 for a power above 1; the script samples each with exactly that chain."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from timestep_placement import main as placement_main, placed_timesteps
+
+    assert placed_timesteps("uniform", 50, 1000) is None
+    power2 = placed_timesteps("power2", 50, 1000)
+    assert power2[0] == 999 and power2[-1] == 0 and 48 <= len(power2) <= 50  # rounding repeats near 0 are dropped
+    assert all(a > b for a, b in zip(power2, power2[1:]))
+    assert power2[-2] - power2[-1] < 1000 / 50 < power2[0] - power2[1]  # finer than uniform at the bottom, coarser at the top
+    quadratic = placed_timesteps("ddim-quadratic", 50, 1000)
+    assert quadratic[0] == 800 and quadratic[-1] == 0 and all(a > b for a, b in zip(quadratic, quadratic[1:]))
+    with pytest.raises(ValueError, match="Unknown placement"):
+        placed_timesteps("cubic", 50, 1000)
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    pipe.save_pretrained(tmp_path / "model")
+    results = placement_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "4",
+                              "--placements", "uniform", "power2", "--device", "cpu", "--out", str(tmp_path / "p.json")])
+    pipe.scheduler.set_timesteps(4)
+    assert [run["timesteps"] for run in results["runs"]] == [pipe.scheduler.timesteps.tolist(), placed_timesteps("power2", 4, 20)]
+    assert results["runs"][0]["fid"] != results["runs"][1]["fid"]
+    assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(results))

@@ -23,6 +23,29 @@ def test_same_seed_same_images_as_diffusers_ddpm_pipeline(pipe):
     assert not np.allclose(ours, run(pipe, seed=4, batch_size=2, num_inference_steps=100), atol=0.1)
 
 
+def test_custom_timesteps_follow_diffusers_ddpm_scheduler(pipe):
+    """pipe(timesteps=[...]) runs exactly that chain: the same images as diffusers' DDPMScheduler given the
+    same list, the same as num_inference_steps when the list is the scheduler's own spacing."""
+    chain = [99, 60, 30, 12, 5, 2, 0]  # uneven on purpose: denser near t = 0
+    ours = run(pipe, seed=3, batch_size=2, timesteps=chain)
+    assert pipe.scheduler.timesteps.tolist() == chain
+    ref = DDPMScheduler.from_config(pipe.scheduler.config)
+    reference = type(pipe)(unet=pipe.unet, scheduler=ref)
+    reference.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(ours, run(reference, seed=3, batch_size=2, timesteps=chain), atol=0.25 / 255)
+    assert not np.allclose(ours, run(pipe, seed=3, batch_size=2, timesteps=[99, 50, 0]), atol=0.05)
+
+    pipe.scheduler.set_timesteps(10)
+    spaced = pipe.scheduler.timesteps.tolist()
+    np.testing.assert_array_equal(run(pipe, seed=1, timesteps=spaced, eta=0.0), run(pipe, seed=1, num_inference_steps=10, eta=0.0))
+
+    with pytest.raises(ValueError, match="either num_inference_steps or timesteps"):
+        pipe(num_inference_steps=3, timesteps=chain)
+    ddim = type(pipe)(unet=pipe.unet, scheduler=DDIMScheduler.from_config(pipe.scheduler.config))
+    with pytest.raises(ValueError, match="DDIMScheduler does not take custom timesteps"):
+        ddim(timesteps=chain)
+
+
 def test_determinism_by_seed(pipe):
     a, b, c = run(pipe, 1, batch_size=2, num_inference_steps=10), run(pipe, 1, batch_size=2, num_inference_steps=10), run(pipe, 2, batch_size=2, num_inference_steps=10)
     np.testing.assert_array_equal(a, b)

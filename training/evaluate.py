@@ -125,14 +125,18 @@ def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
 
 
 @torch.no_grad()
-def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size: int, guidance_scale: float) -> torch.Tensor:
+def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size: int, guidance_scale: float,
+           timesteps=None) -> torch.Tensor:
+    """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
+    replaces the scheduler's own spacing of `steps`."""
     classes = pipe.unet.config.num_class_embeds
+    chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc=f"sampling {steps} steps, eta {eta}", leave=False):
+    for start in tqdm(range(0, num_samples, batch_size), desc=f"sampling {len(timesteps or range(steps))} steps, eta {eta}", leave=False):
         idx = list(range(start, min(start + batch_size, num_samples)))
         out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
-                        num_inference_steps=steps, eta=eta, class_labels=[i % classes for i in idx] if classes else None,
-                        guidance_scale=guidance_scale, output_type="pt").images)
+                        eta=eta, class_labels=[i % classes for i in idx] if classes else None,
+                        guidance_scale=guidance_scale, output_type="pt", **chain).images)
     return torch.cat(out)
 
 
