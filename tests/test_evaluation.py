@@ -47,6 +47,28 @@ def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
     assert Image.open(tmp_path / "curve.png").size[0] > 100
 
 
+def test_curve_plot_draws_other_weights_dashed_and_refuses_other_sample_counts(tmp_path):
+    """--compare LABEL=JSON adds another results file's lines to the plot, one per sampler; a file of another
+    sample count is refused (FIDs of different sample counts do not compare), as is a malformed argument."""
+    from training.evaluate import plot_curve
+
+    def results(n, fids):
+        return {"setup": {"num_samples": n, "extractor": "offline", "reference": "test"}, "floor": {"fid": 1.0},
+                "runs": [{"sampler": s, "steps": k, "fid": f} for s, k, f in fids]}
+
+    ours = results(500, [("DDIM", 10, 30.0), ("DDIM", 50, 18.0), ("DDPM ancestral", 50, 25.0)])
+    previous = results(500, [("DDIM", 10, 36.0), ("DDIM", 1000, 20.0)])
+    fig = plot_curve(ours, str(tmp_path / "curve.png"), compare=[("previous weights", previous)])
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["DDIM, previous weights"].get_xdata()) == [10, 1000] and lines["DDIM, previous weights"].get_linestyle() == "--"
+    assert lines["DDIM, previous weights"].get_color() == lines["DDIM"].get_color() != lines["DDPM ancestral"].get_color()
+    assert Image.open(tmp_path / "curve.png").size[0] > 100
+    with pytest.raises(ValueError, match="2000 samples, not 500"):
+        plot_curve(ours, str(tmp_path / "bad.png"), compare=[("2k", results(2000, [("DDIM", 50, 9.0)]))])
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--compare", str(tmp_path / "missing.json")])
+
+
 def test_evaluate_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path):
     tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
     out = tmp_path / "results.json"

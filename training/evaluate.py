@@ -169,11 +169,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten after every run)")
     parser.add_argument("--plot", default=None, help="PNG of FID against steps")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="LABEL=JSON",
+                        help="results files of other weights to draw, dashed and labelled, in the same plot")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and floor) already in --out from the same setup and do only the missing ones")
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    compare = []
+    for item in args.compare:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not os.path.isfile(path):
+            parser.error(f"--compare takes LABEL=RESULTS.json of an existing file, got {item!r}.")
+        compare.append((label, path))
+    args.compare = compare
     if args.batch_size is None:
         args.batch_size = default_batch_size(torch.device(args.device))
     return args
@@ -224,7 +233,7 @@ def main(argv=None):
                   f"classes {min(run['class_histogram']):.3f}..{max(run['class_histogram']):.3f}", flush=True)
             save()
     if args.plot:
-        plot_curve(results, args.plot)
+        plot_curve(results, args.plot, compare=[(label, json.load(open(path))) for label, path in args.compare])
     return results
 
 
@@ -242,23 +251,35 @@ def previous_results(path, setup: dict) -> dict:
     return previous
 
 
-def plot_curve(results: dict, path: str):
+def plot_curve(results: dict, path: str, compare=()):
+    """FID against steps, one line per sampler; `compare` [(label, results)]: other weights' lines, dashed
+    in the same colour per sampler (their sample counts must match, or the FIDs do not compare)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for sampler in dict.fromkeys(r["sampler"] for r in results["runs"]):
-        runs = sorted((r for r in results["runs"] if r["sampler"] == sampler), key=lambda r: r["steps"])
-        ax.plot([r["steps"] for r in runs], [r["fid"] for r in runs], marker="o", label=sampler)
+    colours = {}
+    for label, other in [(None, results), *compare]:
+        if other["setup"]["num_samples"] != results["setup"]["num_samples"]:
+            raise ValueError(f"{label}: {other['setup']['num_samples']} samples, not {results['setup']['num_samples']}; "
+                             "FIDs of different sample counts do not compare.")
+        for sampler in dict.fromkeys(r["sampler"] for r in other["runs"]):
+            runs = sorted((r for r in other["runs"] if r["sampler"] == sampler), key=lambda r: r["steps"])
+            line, = ax.plot([r["steps"] for r in runs], [r["fid"] for r in runs], marker="o" if label is None else ".",
+                            linestyle="-" if label is None else "--", color=colours.get(sampler),
+                            label=sampler if label is None else f"{sampler}, {label}", alpha=1 if label is None else 0.6)
+            colours.setdefault(sampler, line.get_color())
     if "floor" in results:
-        ax.axhline(results["floor"]["fid"], color="grey", linestyle="--", label="real vs real floor")
+        ax.axhline(results["floor"]["fid"], color="grey", linestyle=":", label="real vs real floor")
     ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel=f"FID ({results['setup']['extractor']} features)",
            title=f"{results['setup']['num_samples']} samples vs {results['setup']['reference']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig  # for a look at what was drawn
 
 
 if __name__ == "__main__":
