@@ -15,7 +15,6 @@ Three measurements, each with the offline extractor against Fashion-MNIST's test
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -23,9 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
-from training.evaluate import (  # noqa: E402
-    SAMPLING_SETTINGS, default_batch_size, load_extractor, real_images, reference_metrics, sample, score_images)
+from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
+from training.evaluate import real_images, write_json_atomically  # noqa: E402
 
 
 def pixel_shares(images: torch.Tensor) -> dict:
@@ -42,30 +40,19 @@ def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    parser.add_argument("--num-samples", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM ancestral")
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(parser, num_samples=2000)
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0, 1, 2, 4, 8],
                         help="standard deviations, in gray levels, of the noise added to real images")
     parser.add_argument("--haze-threshold", type=float, default=16.0, help="gray levels; see 3. above")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
-    if args.num_samples < 2:
-        parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    check_sampling_arguments(parser, args)
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    extractor = load_extractor("offline", device)
-    fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
-
-    def score(images):
-        return score_images(fid, kid, images, extractor)
+    study = Study.open(args)
+    device = study.device
 
     # the same train subset as training.evaluate's real-vs-real floor
     real = real_images("train", args.num_samples, args.seed + 1, device)
@@ -73,22 +60,17 @@ def main(argv=None) -> dict:
     calibration = []
     for level in args.noise_levels:
         noisy = (real + level / 255 * torch.randn(real.shape, generator=noise_generator, device=device)).clamp(0, 1)
-        calibration.append({"noise_gray_levels": level, **score(noisy), "pixels": pixel_shares(noisy)})
+        calibration.append({"noise_gray_levels": level, **study.score(noisy), "pixels": pixel_shares(noisy)})
         print(f"real + noise of {level:g} gray levels: FID {calibration[-1]['fid']:.2f}", flush=True)
 
-    pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    samples = sample(pipe, args.num_samples, args.steps, args.eta, args.seed, default_batch_size(device), 1.0)
+    samples = study.draw()
     results = {
-        "setup": {"model": args.model, "num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,
-                  "seed": args.seed, "extractor": "offline", "reference": "fashion-mnist test (10000 images)",
-                  "haze_threshold": args.haze_threshold, "device": str(device),
-                  "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}},
+        "setup": study.setup(haze_threshold=args.haze_threshold, device=str(device)),
         "noise_calibration": calibration,
         "pixels": {"real": pixel_shares(real), "samples": pixel_shares(samples)},
-        "samples": score(samples),
-        "dehazed_diagnostic": {"samples": score(dehaze(samples, args.haze_threshold)),
-                               "real": score(dehaze(real, args.haze_threshold))},
+        "samples": study.score(samples),
+        "dehazed_diagnostic": {"samples": study.score(dehaze(samples, args.haze_threshold)),
+                               "real": study.score(dehaze(real, args.haze_threshold))},
     }
     for name, shares in results["pixels"].items():
         print(f"{name:>8} pixels: " + ", ".join(f"{band} {share:.3f}" for band, share in shares.items()))
@@ -96,8 +78,7 @@ def main(argv=None) -> dict:
           f"levels set to black: samples {results['dehazed_diagnostic']['samples']['fid']:.2f}, "
           f"real {results['dehazed_diagnostic']['real']['fid']:.2f}", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomically(args.out, results)
     return results
 
 

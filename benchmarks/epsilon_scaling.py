@@ -13,7 +13,6 @@ with the share of black and faint pixels (background_haze.py's bands). lambda = 
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -23,10 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
-from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
+from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
 from pipeline_ddpm_custom.losses import training_target  # noqa: E402
-from training.evaluate import (  # noqa: E402
-    SAMPLING_SETTINGS, default_batch_size, load_extractor, reference_metrics, sample, score_images)
+from training.evaluate import write_json_atomically  # noqa: E402
 
 
 def scale_epsilon(scheduler, model_output, sample_, timestep, scale: float):
@@ -61,17 +59,10 @@ def epsilon_scaled(pipe, scale: float):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    parser.add_argument("--num-samples", type=int, default=500)
+    add_sampling_arguments(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.005, 1.01, 0.995])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM ancestral")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON file for the results (rewritten after every scale)")
     args = parser.parse_args(argv)
-    if args.num_samples < 2:
-        parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    check_sampling_arguments(parser, args)
     if min(args.scales) <= 0:
         parser.error("--scales must be positive (1 = no scaling).")
     return args
@@ -79,26 +70,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    extractor = load_extractor("offline", device)
-    fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
-    pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    results = {"setup": {"model": args.model, "num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,
-                         "seed": args.seed, "extractor": "offline", "reference": "fashion-mnist test (10000 images)",
-                         "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}},
-               "runs": []}
+    study = Study.open(args)
+    results = {"setup": study.setup(), "runs": []}
     for scale in args.scales:
         start = time.time()
-        with epsilon_scaled(pipe, scale):
-            images = sample(pipe, args.num_samples, args.steps, args.eta, args.seed, default_batch_size(device), 1.0)
-        run = {"scale": scale, **score_images(fid, kid, images, extractor), "pixels": pixel_shares(images),
+        with epsilon_scaled(study.pipe, scale):
+            images = study.draw()
+        run = {"scale": scale, **study.score(images), "pixels": pixel_shares(images),
                "seconds": round(time.time() - start, 1)}
         results["runs"].append(run)
         print(f"scale {scale}: FID {run['fid']:.2f}  KID {run['kid']:.3f}  black {run['pixels']['black (<0.5)']:.3f}", flush=True)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json_atomically(args.out, results)
     return results
 
 

@@ -15,20 +15,17 @@ with the offline extractor against Fashion-MNIST's test split, with background_h
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
-from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
-from training.evaluate import (  # noqa: E402
-    SAMPLING_SETTINGS, default_batch_size, load_extractor, reference_metrics, sample, score_images)
+from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
+from training.evaluate import write_json_atomically  # noqa: E402
 
 
 def placed_timesteps(placement: str, steps: int, num_train_timesteps: int):
@@ -47,17 +44,10 @@ def placed_timesteps(placement: str, steps: int, num_train_timesteps: int):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
-    parser.add_argument("--num-samples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=50)
+    add_sampling_arguments(parser)
     parser.add_argument("--placements", nargs="+", default=["uniform", "power2", "ddim-quadratic"])
-    parser.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM ancestral")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="JSON file for the results (rewritten after every placement)")
     args = parser.parse_args(argv)
-    if args.num_samples < 2:
-        parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    check_sampling_arguments(parser, args)
     for placement in args.placements:  # fail now, not after the first placement's sampling
         try:
             placed_timesteps(placement, args.steps, 1000)
@@ -68,28 +58,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    extractor = load_extractor("offline", device)
-    fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
-    pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    T = pipe.scheduler.config.num_train_timesteps
-    results = {"setup": {"model": args.model, "num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,
-                         "seed": args.seed, "extractor": "offline", "reference": "fashion-mnist test (10000 images)",
-                         "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}},
-               "runs": []}
+    study = Study.open(args)
+    T = study.pipe.scheduler.config.num_train_timesteps
+    results = {"setup": study.setup(), "runs": []}
     for placement in args.placements:
         start = time.time()
-        chain = placed_timesteps(placement, args.steps, T)
-        images = sample(pipe, args.num_samples, args.steps, args.eta, args.seed, default_batch_size(device), 1.0, timesteps=chain)
-        run = {"placement": placement, "timesteps": pipe.scheduler.timesteps.tolist(),
-               **score_images(fid, kid, images, extractor), "pixels": pixel_shares(images), "seconds": round(time.time() - start, 1)}
+        images = study.draw(timesteps=placed_timesteps(placement, args.steps, T))
+        run = {"placement": placement, "timesteps": study.pipe.scheduler.timesteps.tolist(), **study.score(images),
+               "pixels": pixel_shares(images), "seconds": round(time.time() - start, 1)}
         results["runs"].append(run)
         print(f"{placement}: {len(run['timesteps'])} steps {run['timesteps'][:2]}..{run['timesteps'][-3:]}  FID {run['fid']:.2f}  "
               f"KID {run['kid']:.3f}  black {run['pixels']['black (<0.5)']:.3f}", flush=True)
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json_atomically(args.out, results)
     return results
 
 

@@ -87,6 +87,19 @@ def test_evaluate_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path)
         evaluate_main([*common, "--steps", "2", "--seed", "1", "--resume"])
 
 
+def test_results_file_survives_a_write_that_fails_halfway(tmp_path):
+    """The results that --resume keeps are replaced whole or not at all: a dump that dies midway (here on a
+    value JSON cannot hold, after the first keys are written) leaves the previous file as it was, and no stray file."""
+    from training.evaluate import write_json_atomically
+
+    out = tmp_path / "results.json"
+    write_json_atomically(str(out), {"runs": [{"steps": 50, "fid": 9.12}]})
+    with pytest.raises(TypeError):
+        write_json_atomically(str(out), {"runs": [{"steps": 50, "fid": 9.12}], "later": object()})
+    assert json.loads(out.read_text()) == {"runs": [{"steps": 50, "fid": 9.12}]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
 def test_evaluate_batch_size_follows_the_device_unless_given():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_batch_size(cpu) < default_batch_size(cuda)  # two cores are fastest with small batches

@@ -204,8 +204,7 @@ def main(argv=None):
 
     def save():
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json_atomically(args.out, results)
 
     if args.floor and "floor" not in results:
         other = "train" if args.reference == "test" else "test"
@@ -235,6 +234,19 @@ def main(argv=None):
     if args.plot:
         plot_curve(results, args.plot, compare=[(label, json.load(open(path))) for label, path in args.compare])
     return results
+
+
+def write_json_atomically(path: str, data) -> None:
+    """Written beside `path` and renamed over it: a run killed while writing leaves the previous file whole,
+    so the rows that --resume keeps (an hour each on a CPU) are never lost to a half-written file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the dump failed: no stray half-file beside the results
+            os.remove(tmp)
 
 
 def previous_results(path, setup: dict) -> dict:

@@ -1,0 +1,74 @@
+"""What the sampler studies share (epsilon_scaling.py, timestep_placement.py, background_haze.py).
+
+Each draws N samples from a saved pipeline as training.evaluate draws them (same seeds, class labels
+cycling 0..9), scores them with the offline extractor against Fashion-MNIST's test split, and writes
+its results as JSON that starts with the same `setup` block. This module holds those common parts:
+the command-line options, the loaded model and metrics, the setup block and the sampling call.
+"""
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
+from training.evaluate import (  # noqa: E402
+    SAMPLING_SETTINGS, default_batch_size, load_extractor, reference_metrics, sample, score_images)
+
+REFERENCE = "fashion-mnist test (10000 images)"
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500) -> None:
+    """The options every study takes: the model, how many samples, the sampler, the seed, where to run and write."""
+    parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
+    parser.add_argument("--num-samples", type=int, default=num_samples)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM ancestral")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="JSON file for the results (rewritten atomically after every run)")
+
+
+def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.num_samples < 2:
+        parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+
+
+@dataclass
+class Study:
+    """The loaded model, the extractor and the FID/KID metrics already holding the reference statistics."""
+    args: argparse.Namespace
+    device: torch.device
+    pipe: DDPMCustomPipeline
+    extractor: torch.nn.Module
+    fid: object
+    kid: object
+
+    @classmethod
+    def open(cls, args: argparse.Namespace) -> "Study":
+        device = torch.device(args.device)
+        extractor = load_extractor("offline", device)
+        fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
+        pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(args, device, pipe, extractor, fid, kid)
+
+    def setup(self, **extra) -> dict:
+        """The header of the results: what was sampled, how, and scored against what."""
+        a = self.args
+        return {"model": a.model, "num_samples": a.num_samples, "steps": a.steps, "eta": a.eta, "seed": a.seed,
+                "extractor": "offline", "reference": REFERENCE, **extra,
+                "scheduler": {k: self.pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}}
+
+    def draw(self, **pipeline_kwargs) -> torch.Tensor:
+        """args.num_samples images in [0, 1], (N, 1, H, W), with the study's steps, eta and seed, guidance 1."""
+        a = self.args
+        return sample(self.pipe, a.num_samples, a.steps, a.eta, a.seed, default_batch_size(self.device), 1.0,
+                      **pipeline_kwargs)
+
+    def score(self, images: torch.Tensor) -> dict:
+        return score_images(self.fid, self.kid, images, self.extractor)
