@@ -7,16 +7,13 @@ the command-line options, the loaded model and metrics, the setup block and the 
 """
 
 import argparse
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
-from training.evaluate import (  # noqa: E402
+# imported by the study scripts, which have already put the repository root on sys.path
+from pipeline_ddpm_custom import DDPMCustomPipeline
+from training.evaluate import (
     SAMPLING_SETTINGS, default_batch_size, load_extractor, reference_metrics, sample, score_images)
 
 REFERENCE = "fashion-mnist test (10000 images)"

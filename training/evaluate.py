@@ -91,8 +91,8 @@ class CachedReferenceFID:
             reference = real_images(split, count, 0, device, dataset_name, train_data_dir, image_column)
             feed((self.fid,), reference, True, self.extractor)
             os.makedirs(os.path.dirname(os.path.abspath(cache_file)), exist_ok=True)
-            torch.save({"key": key, **{name: getattr(self.fid, name) for name in states}}, cache_file + ".tmp")
-            os.replace(cache_file + ".tmp", cache_file)
+            state = {"key": key, **{name: getattr(self.fid, name) for name in states}}
+            write_atomically(cache_file, lambda tmp: torch.save(state, tmp))
         self.reference = key
 
     def __call__(self, images: torch.Tensor) -> float:
@@ -236,17 +236,24 @@ def main(argv=None):
     return results
 
 
-def write_json_atomically(path: str, data) -> None:
-    """Written beside `path` and renamed over it: a run killed while writing leaves the previous file whole,
-    so the rows that --resume keeps (an hour each on a CPU) are never lost to a half-written file."""
+def write_atomically(path: str, write) -> None:
+    """`write(tmp)` writes beside `path`, then the file is renamed over it: a run killed while writing
+    leaves the previous file whole, and a write that fails leaves no stray half-file."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):  # the dump failed: no stray half-file beside the results
+        if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomically(path: str, data) -> None:
+    """The results that --resume keeps (an hour a row on a CPU) are never lost to a half-written file."""
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+    write_atomically(path, dump)
 
 
 def previous_results(path, setup: dict) -> dict:
