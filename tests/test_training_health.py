@@ -104,3 +104,44 @@ def test_flags_the_unstable_h100_run_and_not_stable_cpu_runs():
 def test_bad_factor_is_refused():
     with pytest.raises(ValueError, match="factor must exceed 1"):
         LossSpikeMonitor(factor=1.0)
+
+
+def test_training_by_device_checks_gradients_and_learns(tmp_path, monkeypatch, capsys):
+    """benchmarks/training_by_device.py, the test that narrows down why H100 runs stall: on one device its
+    one-step gradient check finds no difference, its copy of the training step lowers the loss of a tiny
+    model, and a CUDA device on a machine without one is refused with a clear error."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_by_device
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(32):  # dark backgrounds with one bright square: learnable in a few dozen steps
+        image = np.zeros((8, 8), dtype=np.uint8)
+        x, y = rng.integers(0, 5, 2)
+        image[y:y + 3, x:x + 3] = 255
+        Image.fromarray(image).save(folder / f"{i}.png")
+    flags = ("--resolution 8 --base_channels 16 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 4 "
+             "--num_train_timesteps 100 --prediction_type v_prediction")
+    results = training_by_device.main(["--devices", "cpu", "cpu", "--steps", "60", "--batch-size", "8", "--learning-rate", "2e-3",
+                                       "--model-flags", flags, "--train-data-dir", str(folder), "--out", str(tmp_path / "r.json")])
+    assert results["gradient_check"]["cpu"]["worst_relative_grad_difference"] == 0.0
+    first, _, last = results["runs"][0]["mean_loss_by_third"]
+    assert last < 0.8 * first
+    assert [run["variant"] for run in results["runs"]] == ["default", "default"]  # CUDA variants skipped on the CPU
+    assert json.loads((tmp_path / "r.json").read_text())["runs"] == results["runs"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        training_by_device.parse_args(["--devices", "cpu", "cuda"])
+    assert "torch sees no CUDA device here" in capsys.readouterr().err
+
+
+def test_first_divergence_finds_where_two_loss_curves_part():
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from training_by_device import first_divergence
+
+    assert first_divergence([0.5, 0.4, 0.3], [0.5, 0.4, 0.3]) is None
+    assert first_divergence([0.5, 0.40001, 0.33], [0.5, 0.4, 0.3]) == 2  # 2.5e-5 is rounding, 10% is not
