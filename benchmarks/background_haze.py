@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
-from training.evaluate import real_images, write_json_atomically  # noqa: E402
+from training.atomic_files import write_json_atomically  # noqa: E402
+from training.evaluate import real_images  # noqa: E402
 
 
 def pixel_shares(images: torch.Tensor) -> dict:

@@ -10,7 +10,6 @@ the median of several repeats.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from diffusers import UNet2DModel  # noqa: E402
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
+from training.atomic_files import write_json_atomically  # noqa: E402
 from training.precision import cpu_has_fast_bf16  # noqa: E402
 
 # the bundled model's architecture (models/ddpm-fashion-mnist/unet/config.json)
@@ -185,8 +185,7 @@ def main():
         results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(name, device, 128, repeats)
     print("peak memory (MB):", results["peak_memory_mb"], flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomically(args.out, results)
     return results
 
 

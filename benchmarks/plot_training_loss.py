@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from training.atomic_files import write_json_atomically  # noqa: E402
 from training.loss_spikes import LossSpikeMonitor  # noqa: E402
 
 
@@ -98,8 +99,7 @@ def main(argv=None):
     print(f"{len(record['step'])} logged losses, {len(spikes)} spikes (over 1.5x the recent median)"
           + (f" at steps {spikes[:10]}{'...' if len(spikes) > 10 else ''}" if spikes else ""))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
+        write_json_atomically(args.out, record, indent=1)
     if args.plot:
         draw(record, spiked, args.plot, args.title or record.get("log_dir", args.source))
 

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
-from training.evaluate import write_json_atomically  # noqa: E402
+from training.atomic_files import write_json_atomically  # noqa: E402
 
 
 def placed_timesteps(placement: str, steps: int, num_train_timesteps: int):

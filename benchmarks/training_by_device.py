@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
 from training import data  # noqa: E402
-from training.evaluate import write_json_atomically  # noqa: E402
+from training.atomic_files import write_json_atomically  # noqa: E402
 from training.train_ddpm import build_noise_scheduler, build_unet, step_seed  # noqa: E402
 from training.train_ddpm import parse_args as training_args  # noqa: E402
 

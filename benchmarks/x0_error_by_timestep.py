@@ -10,7 +10,6 @@ schedule). A v-predicting model predicts x0 there almost directly.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
 from training import data  # noqa: E402
+from training.atomic_files import write_json_atomically  # noqa: E402
 
 TIMESTEPS = (0, 10, 50, 100, 250, 500, 750, 900, 950, 999)
 
@@ -59,8 +59,7 @@ def main(argv=None):
     for row in rows:
         print(f"t={row['t']:>4}  x0 MSE {row['x0_mse']:10.4f}   clipped to [-1, 1] {row['x0_mse_clipped']:.4f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"model": args.model, "prediction_type": pipe.scheduler.config.prediction_type, "rows": rows}, f, indent=2)
+        write_json_atomically(args.out, {"model": args.model, "prediction_type": pipe.scheduler.config.prediction_type, "rows": rows})
     return rows
 
 

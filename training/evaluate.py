@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
 from training import data
+from training.atomic_files import write_atomically, write_json_atomically  # noqa: F401 (re-exported)
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
 
@@ -234,26 +235,6 @@ def main(argv=None):
     if args.plot:
         plot_curve(results, args.plot, compare=[(label, json.load(open(path))) for label, path in args.compare])
     return results
-
-
-def write_atomically(path: str, write) -> None:
-    """`write(tmp)` writes beside `path`, then the file is renamed over it: a run killed while writing
-    leaves the previous file whole, and a write that fails leaves no stray half-file."""
-    tmp = f"{path}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json_atomically(path: str, data) -> None:
-    """The results that --resume keeps (an hour a row on a CPU) are never lost to a half-written file."""
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-    write_atomically(path, dump)
 
 
 def previous_results(path, setup: dict) -> dict:
