@@ -59,14 +59,22 @@ def backend_flags(variant: str):
 
 
 def one_step(model_args, scheduler, batch, device: str) -> tuple:
-    """Loss and gradients of one step from seed-0 weights, fp32 with TF32 off."""
+    """Loss and gradients of one step, fp32 with TF32 off, from seed-0 weights with every parameter nudged
+    (the UNet zero-initialises its output convolution, the residual blocks' second convolutions and the
+    attention projections: from a fresh model only the output layer would get a gradient, and the check
+    would test nothing behind it)."""
     torch.manual_seed(0)
-    unet = build_unet(model_args, batch["channels"], batch["classes"]).to(device).train()
+    unet = build_unet(model_args, batch["channels"], batch["classes"])
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    unet = unet.to(device).train()
     with backend_flags("no_tf32"):
         loss = training_losses(unet, scheduler, batch["x0"].to(device), batch["t"].to(device), noise=batch["noise"].to(device),
                                class_labels=None if batch["labels"] is None else batch["labels"].to(device)).mean()
         loss.backward()
-    return float(loss), {name: p.grad.double().cpu() for name, p in unet.named_parameters() if p.grad is not None}
+    return loss.item(), {name: p.grad.double().cpu() for name, p in unet.named_parameters() if p.grad is not None}
 
 
 def train(model_args, scheduler, dataset, channels: int, classes, device: str, variant: str, steps: int, batch_size: int,
@@ -148,10 +156,14 @@ def main(argv=None) -> dict:
     results = {"setup": {k: v for k, v in vars(args).items() if k != "out"}, "gradient_check": {}, "runs": []}
     for device in args.devices:
         loss, grads = one_step(model_args, scheduler, batch, device)
-        worst = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference_grads.items())
-        results["gradient_check"][device] = {"loss": loss, "loss_reference": reference_loss, "worst_relative_grad_difference": worst}
-        print(f"one step on {device}: loss {loss:.6f} ({args.devices[0]}: {reference_loss:.6f}), "
-              f"worst gradient difference {worst:.1e}", flush=True)
+        differences = {n: float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference_grads.items()}
+        worst = max(differences, key=differences.get)
+        results["gradient_check"][device] = {
+            "loss": loss, "loss_reference": reference_loss, "worst_relative_grad_difference": differences[worst],
+            "worst_parameter": worst, "parameters": len(differences),
+            "parameters_without_gradient": sum(1 for g in reference_grads.values() if g.norm() == 0)}
+        print(f"one step on {device}: loss {loss:.6f} ({args.devices[0]}: {reference_loss:.6f}), worst gradient "
+              f"difference {differences[worst]:.1e} ({worst}), over all {len(differences)} parameters", flush=True)
 
     cpu_losses = None
     for device in args.devices:

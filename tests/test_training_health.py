@@ -127,7 +127,11 @@ def test_training_by_device_checks_gradients_and_learns(tmp_path, monkeypatch, c
              "--num_train_timesteps 100 --prediction_type v_prediction")
     results = training_by_device.main(["--devices", "cpu", "cpu", "--steps", "60", "--batch-size", "8", "--learning-rate", "2e-3",
                                        "--model-flags", flags, "--train-data-dir", str(folder), "--out", str(tmp_path / "r.json")])
-    assert results["gradient_check"]["cpu"]["worst_relative_grad_difference"] == 0.0
+    check = results["gradient_check"]["cpu"]
+    assert check["worst_relative_grad_difference"] == 0.0
+    # every parameter's gradient is compared, not only the output layer's (the UNet zero-initialises several)
+    assert check["parameters_without_gradient"] == 0 and check["parameters"] == len(list(training_by_device.build_unet(
+        training_by_device.training_args(["--output_dir", "x"] + flags.split()), 1, None).parameters()))
     first, _, last = results["runs"][0]["mean_loss_by_third"]
     assert last < 0.8 * first
     assert [run["variant"] for run in results["runs"]] == ["default", "default"]  # CUDA variants skipped on the CPU
