@@ -7,8 +7,8 @@ that narrows down why, one device-specific piece at a time.
 
 First, one step from the same weights and inputs on every device, in full fp32: the loss and the worst relative
 gradient difference against the first device (the model's arithmetic alone). Then `--steps` optimizer steps of
-train_ddpm.py's training step (same data order, per-step seeds, AdamW, gradient clipping; no accelerate, no EMA) per
-device and variant, reporting the mean loss of each third of the run. Variants other than `default` change one thing
+train_ddpm.py's training step (its `draw_step_inputs`, same data order and per-step seeds, AdamW, gradient
+clipping; no accelerate, no EMA) per device and variant, reporting the mean loss of each third of the run. Variants other than `default` change one thing
 on CUDA and are skipped on other devices; those that draw their random numbers on the CPU (`cpu_draws`, `as_cpu`) see
 exactly the CPU run's noise, timesteps and data, so the step at which their loss parts from the CPU run's is reported
 (list `cpu` first).
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
 from training import data  # noqa: E402
 from training.atomic_files import write_json_atomically  # noqa: E402
-from training.train_ddpm import build_noise_scheduler, build_unet, step_seed  # noqa: E402
+from training.train_ddpm import build_noise_scheduler, build_unet, draw_step_inputs, step_seed  # noqa: E402
 from training.train_ddpm import parse_args as training_args  # noqa: E402
 
 # the 6.5M model of the H100 runs
@@ -82,7 +82,8 @@ def train(model_args, scheduler, dataset, channels: int, classes, device: str, v
     """Per-step losses of `steps` steps of train_ddpm.py's training step."""
     torch.manual_seed(0)
     unet = build_unet(model_args, channels, classes).to(device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(model_args.adam_beta1, model_args.adam_beta2),
+                                  weight_decay=model_args.adam_weight_decay)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=data.collate, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
     draw_on = "cpu" if variant in CPU_DRAWS else device
@@ -94,16 +95,13 @@ def train(model_args, scheduler, dataset, channels: int, classes, device: str, v
                     break
                 if variant != "no_reseed":
                     torch.manual_seed(step_seed(0, len(losses), 0))
-                x0 = batch["pixel_values"].float().to(device)
-                noise = torch.randn(x0.shape, device=draw_on).to(device)
-                timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=draw_on).to(device)
                 labels = batch.get("labels")
-                if labels is not None:
-                    drop = torch.rand(labels.shape[0], device=draw_on).to(device) < 0.1
-                    labels = torch.where(drop, torch.full_like(labels.to(device), classes), labels.to(device))
+                x0, noise, timesteps, labels = draw_step_inputs(batch["pixel_values"].float().to(device),
+                                                                None if labels is None else labels.to(device),
+                                                                model_args, classes, draw_on)
                 loss = training_losses(unet, scheduler, x0, timesteps, noise=noise, class_labels=labels).mean()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), model_args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
@@ -152,10 +150,11 @@ def main(argv=None) -> dict:
     batch = {"x0": first["pixel_values"].float(), "labels": first.get("labels"), "channels": channels, "classes": classes,
              "noise": torch.randn(first["pixel_values"].shape, generator=generator),
              "t": torch.randint(0, scheduler.config.num_train_timesteps, (len(first["pixel_values"]),), generator=generator)}
-    reference_loss, reference_grads = one_step(model_args, scheduler, batch, args.devices[0])
     results = {"setup": {k: v for k, v in vars(args).items() if k != "out"}, "gradient_check": {}, "runs": []}
     for device in args.devices:
         loss, grads = one_step(model_args, scheduler, batch, device)
+        if device == args.devices[0]:
+            reference_loss, reference_grads = loss, grads
         differences = {n: float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference_grads.items()}
         worst = max(differences, key=differences.get)
         results["gradient_check"][device] = {
@@ -164,6 +163,8 @@ def main(argv=None) -> dict:
             "parameters_without_gradient": sum(1 for g in reference_grads.values() if g.norm() == 0)}
         print(f"one step on {device}: loss {loss:.6f} ({args.devices[0]}: {reference_loss:.6f}), worst gradient "
               f"difference {differences[worst]:.1e} ({worst}), over all {len(differences)} parameters", flush=True)
+    if args.out:
+        write_json_atomically(args.out, results)
 
     cpu_losses = None
     for device in args.devices:
@@ -185,8 +186,6 @@ def main(argv=None) -> dict:
             print(f"{device:>6} {variant:>9}: mean loss by third {run['mean_loss_by_third']}{parts}", flush=True)
             if args.out:
                 write_json_atomically(args.out, results)
-    if args.out:
-        write_json_atomically(args.out, results)
     return results
 
 

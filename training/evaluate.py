@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
 from training import data
-from training.atomic_files import write_atomically, write_json_atomically  # noqa: F401 (re-exported)
+from training.atomic_files import write_atomically, write_json_atomically
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
 

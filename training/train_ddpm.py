@@ -227,6 +227,23 @@ def step_seed(seed: int, micro_step: int, rank: int) -> int:
     return (seed * 1_000_003 + micro_step * 8191 + rank) % (2**63 - 1)
 
 
+def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None):
+    """The random part of one training step, in the order that a resumed run's per-step seed relies on:
+    flips, noise, timesteps, label drops (to the null class, for classifier-free guidance). `draw_on`
+    draws the numbers on another device and moves them to x0's (benchmarks/training_by_device.py)."""
+    device = x0.device
+    draw_on = draw_on or device
+    if args.random_flip:
+        flips = torch.rand(x0.shape[0], device=draw_on).to(device) < 0.5
+        x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+    noise = torch.randn(x0.shape, device=draw_on).to(device)
+    timesteps = torch.randint(0, args.num_train_timesteps, (x0.shape[0],), device=draw_on).to(device)
+    if labels is not None:
+        drop = torch.rand(labels.shape[0], device=draw_on).to(device) < args.cond_drop_prob
+        labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+    return x0, noise, timesteps, labels
+
+
 @contextlib.contextmanager
 def ema_weights(accelerator, unet, ema):
     """The unwrapped model with the EMA weights swapped in (and the training weights put back after)."""
@@ -452,16 +469,7 @@ def train(args) -> int:
             torch.manual_seed(step_seed(args.seed, micro_step, accelerator.process_index))
             micro_step += 1
             with accelerator.accumulate(unet):
-                x0 = batch["pixel_values"].float()
-                if args.random_flip:
-                    flips = torch.rand(x0.shape[0], device=x0.device) < 0.5
-                    x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-                noise = torch.randn(x0.shape, device=x0.device)
-                timesteps = torch.randint(0, args.num_train_timesteps, (x0.shape[0],), device=x0.device)
-                labels = batch.get("labels")
-                if labels is not None:
-                    drop = torch.rand(labels.shape[0], device=labels.device) < args.cond_drop_prob
-                    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+                x0, noise, timesteps, labels = draw_step_inputs(batch["pixel_values"].float(), batch.get("labels"), args, num_classes)
                 with accelerator.autocast():
                     loss = training_losses(unet, noise_scheduler, x0, timesteps, noise=noise, class_labels=labels,
                                            snr_gamma=args.snr_gamma).mean()
