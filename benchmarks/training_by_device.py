@@ -2,14 +2,16 @@
 same recipe leaves behind on a CPU within 200 steps (README, "A larger model on the H100"); this script is the test
 that narrows down why, one device-specific piece at a time.
 
-    python benchmarks/training_by_device.py --devices cpu cuda --variants default no_tf32 no_cudnn cpu_draws no_reseed as_cpu \\
-        --steps 300 --out benchmarks/results/training-by-device.json
+    python benchmarks/training_by_device.py --devices cpu cuda --steps 300 --out benchmarks/results/training-by-device.json
 
-First, one step from the same weights and inputs on every device, in full fp32: the loss and the worst relative
-gradient difference against the first device (the model's arithmetic alone). Then `--steps` optimizer steps of
+First, the model's arithmetic alone: one step from the same weights and inputs, its gradients compared with a float64
+reference computed on the CPU, per device and, on CUDA, per kernel setting (cuDNN in fp32, cuDNN with TF32 as
+training runs it, torch's own kernels, float64); pytorch/pytorch#150700 reports cuDNN on H100s giving gradient norms
+far from the CPU's. Then the optimizer alone: the same sequence of gradients fed to AdamW with clipping on every
+device (CUDA takes the `foreach` kernels, the CPU the per-tensor loop). Then `--steps` optimizer steps of
 train_ddpm.py's training step (its `draw_step_inputs`, same data order and per-step seeds, AdamW, gradient
 clipping; no accelerate, no EMA) per device and variant, reporting the mean loss of each third of the run. Variants other than `default` change one thing
-on CUDA and are skipped on other devices; those that draw their random numbers on the CPU (`cpu_draws`, `as_cpu`) see
+on CUDA and are skipped on other devices; those that draw their random numbers on the CPU (`cpu_draws`, `as_cpu`, `fp64`) see
 exactly the CPU run's noise, timesteps and data, so the step at which their loss parts from the CPU run's is reported
 (list `cpu` first).
 """
@@ -42,48 +44,108 @@ VARIANTS = {
     "cpu_draws": "noise, timesteps and label drops drawn on the CPU, then moved to the device",
     "no_reseed": "one seed for the whole run instead of train_ddpm.py's seed per step",
     "as_cpu": "the CPU's random draws and full-fp32 convolutions: the same numbers as the CPU run, up to rounding",
+    "fp64": "the CPU's random draws, the whole step in float64: rounding ruled out, so a stall here is a kernel's logic",
+    "math_sdpa": "attention through SDPA's plain math kernel instead of the flash / memory-efficient ones",
+    "no_foreach": "AdamW and gradient clipping without the foreach kernels (CUDA's default), as on the CPU",
 }
 # variants whose random draws are the CPU run's, so that their per-step losses can be compared with it step by step
-CPU_DRAWS = ("cpu_draws", "as_cpu")
+CPU_DRAWS = ("cpu_draws", "as_cpu", "fp64")
+# the kernel settings of the one-step gradient check on CUDA (the CPU has one: fp32)
+GRADIENT_SETTINGS = ("fp32", "tf32", "no_cudnn", "fp64")
 
 
 @contextlib.contextmanager
 def backend_flags(variant: str):
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled
-    torch.backends.cudnn.allow_tf32 = variant not in ("no_tf32", "as_cpu")
+    torch.backends.cudnn.allow_tf32 = variant not in ("no_tf32", "as_cpu", "fp32")
     torch.backends.cudnn.enabled = variant != "no_cudnn"
     try:
-        yield
+        if variant == "math_sdpa":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled = saved
 
 
-def one_step(model_args, scheduler, batch, device: str) -> tuple:
-    """Loss and gradients of one step, fp32 with TF32 off, from seed-0 weights with every parameter nudged
-    (the UNet zero-initialises its output convolution, the residual blocks' second convolutions and the
-    attention projections: from a fresh model only the output layer would get a gradient, and the check
-    would test nothing behind it)."""
+class InDtype(torch.nn.Module):
+    """The UNet run in another dtype (float64): training_losses forms x_t in float32, so the input is cast on the way in."""
+
+    def __init__(self, unet, dtype):
+        super().__init__()
+        self.unet = unet.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, sample, timestep, class_labels=None):
+        return self.unet(sample.to(self.dtype), timestep, class_labels=class_labels)
+
+
+def nudged_unet(model_args, channels: int, classes):
+    """Seed-0 weights with every parameter nudged: the UNet zero-initialises its output convolution, the residual
+    blocks' second convolutions and the attention projections, so from fresh weights only the output layer would get
+    a gradient and a check would test nothing behind it."""
     torch.manual_seed(0)
-    unet = build_unet(model_args, batch["channels"], batch["classes"])
+    unet = build_unet(model_args, channels, classes)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    unet = unet.to(device).train()
-    with backend_flags("no_tf32"):
-        loss = training_losses(unet, scheduler, batch["x0"].to(device), batch["t"].to(device), noise=batch["noise"].to(device),
+    return unet
+
+
+def one_step(model_args, scheduler, batch, device: str, setting: str = "fp32") -> tuple:
+    """Loss and gradients (float64, on the CPU) of one step from the nudged weights, under a kernel `setting`:
+    fp32 (TF32 off), tf32 (cuDNN's default, as training runs), no_cudnn, or fp64 (the whole model in float64)."""
+    unet = nudged_unet(model_args, batch["channels"], batch["classes"])
+    model = InDtype(unet, torch.float64) if setting == "fp64" else unet
+    model = model.to(device).train()
+    with backend_flags(setting):
+        loss = training_losses(model, scheduler, batch["x0"].to(device), batch["t"].to(device), noise=batch["noise"].to(device),
                                class_labels=None if batch["labels"] is None else batch["labels"].to(device)).mean()
         loss.backward()
     return loss.item(), {name: p.grad.double().cpu() for name, p in unet.named_parameters() if p.grad is not None}
+
+
+def compare_gradients(grads: dict, reference: dict) -> dict:
+    """Relative L2 difference per parameter against the reference, the worst five, and the ratio of total norms.
+    A parameter whose gradient vanishes analytically (a bias followed by a GroupNorm of one channel per group)
+    is measured against 1e-4 of the total gradient norm instead of its own, which is rounding noise."""
+    total = lambda gs: float(torch.stack([g.norm() for g in gs.values()]).norm())  # noqa: E731
+    floor = 1e-4 * total(reference)
+    differences = {n: float((grads[n] - g).norm() / g.norm().clamp_min(floor)) for n, g in reference.items()}
+    worst = sorted(differences, key=differences.get, reverse=True)[:5]
+    return {"worst_relative_grad_difference": differences[worst[0]], "worst_parameters": [[n, differences[n]] for n in worst],
+            "grad_norm_ratio": total(grads) / total(reference), "parameters": len(differences),
+            "parameters_without_gradient": sum(1 for g in reference.values() if g.norm() == 0)}
+
+
+def optimizer_check(model_args, channels: int, classes, grads: dict, device: str, steps: int = 20) -> list:
+    """Parameters (float64, on the CPU) after `steps` AdamW steps with clipping, fed the same gradient sequence
+    (the reference gradients, each step scaled per tensor by a fixed random factor) on `device`."""
+    unet = nudged_unet(model_args, channels, classes).to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(model_args.adam_beta1, model_args.adam_beta2),
+                                  weight_decay=model_args.adam_weight_decay)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for name, p in unet.named_parameters():
+            p.grad = (grads[name] * (0.5 + torch.rand((), generator=generator, dtype=torch.float64))).float().to(device)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), model_args.max_grad_norm)
+        optimizer.step()
+    return [p.detach().double().cpu() for p in unet.parameters()]
 
 
 def train(model_args, scheduler, dataset, channels: int, classes, device: str, variant: str, steps: int, batch_size: int,
           lr: float) -> list:
     """Per-step losses of `steps` steps of train_ddpm.py's training step."""
     torch.manual_seed(0)
-    unet = build_unet(model_args, channels, classes).to(device).train()
+    unet = build_unet(model_args, channels, classes)
+    model = InDtype(unet, torch.float64) if variant == "fp64" else unet
+    model = model.to(device).train()
+    foreach = False if variant == "no_foreach" else None  # None: torch's default for the device
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(model_args.adam_beta1, model_args.adam_beta2),
-                                  weight_decay=model_args.adam_weight_decay)
+                                  weight_decay=model_args.adam_weight_decay, foreach=foreach)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=data.collate, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
     draw_on = "cpu" if variant in CPU_DRAWS else device
@@ -99,9 +161,9 @@ def train(model_args, scheduler, dataset, channels: int, classes, device: str, v
                 x0, noise, timesteps, labels = draw_step_inputs(batch["pixel_values"].float().to(device),
                                                                 None if labels is None else labels.to(device),
                                                                 model_args, classes, draw_on)
-                loss = training_losses(unet, scheduler, x0, timesteps, noise=noise, class_labels=labels).mean()
+                loss = training_losses(model, scheduler, x0, timesteps, noise=noise, class_labels=labels).mean()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), model_args.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), model_args.max_grad_norm, foreach=foreach)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
@@ -150,19 +212,28 @@ def main(argv=None) -> dict:
     batch = {"x0": first["pixel_values"].float(), "labels": first.get("labels"), "channels": channels, "classes": classes,
              "noise": torch.randn(first["pixel_values"].shape, generator=generator),
              "t": torch.randint(0, scheduler.config.num_train_timesteps, (len(first["pixel_values"]),), generator=generator)}
-    results = {"setup": {k: v for k, v in vars(args).items() if k != "out"}, "gradient_check": {}, "runs": []}
+    results = {"setup": {k: v for k, v in vars(args).items() if k != "out"}, "gradient_check": [], "optimizer_check": []}
+    results["runs"] = []
+    # the truth to compare with: the same step in float64 on the CPU
+    reference_loss, reference = one_step(model_args, scheduler, batch, "cpu", "fp64")
     for device in args.devices:
-        loss, grads = one_step(model_args, scheduler, batch, device)
-        if device == args.devices[0]:
-            reference_loss, reference_grads = loss, grads
-        differences = {n: float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference_grads.items()}
-        worst = max(differences, key=differences.get)
-        results["gradient_check"][device] = {
-            "loss": loss, "loss_reference": reference_loss, "worst_relative_grad_difference": differences[worst],
-            "worst_parameter": worst, "parameters": len(differences),
-            "parameters_without_gradient": sum(1 for g in reference_grads.values() if g.norm() == 0)}
-        print(f"one step on {device}: loss {loss:.6f} ({args.devices[0]}: {reference_loss:.6f}), worst gradient "
-              f"difference {differences[worst]:.1e} ({worst}), over all {len(differences)} parameters", flush=True)
+        for setting in GRADIENT_SETTINGS if device.startswith("cuda") else ("fp32",):
+            loss, grads = one_step(model_args, scheduler, batch, device, setting)
+            entry = {"device": device, "setting": setting, "loss": loss, "loss_fp64_cpu": reference_loss,
+                     **compare_gradients(grads, reference)}
+            results["gradient_check"].append(entry)
+            print(f"one step on {device} ({setting}): loss {loss:.6f} (fp64 CPU {reference_loss:.6f}), gradient norm "
+                  f"{entry['grad_norm_ratio']:.4f}x the reference's, worst parameters "
+                  + ", ".join(f"{n} {d:.1e}" for n, d in entry["worst_parameters"][:3]), flush=True)
+    reference_params = None
+    for device in args.devices:
+        params = optimizer_check(model_args, channels, classes, reference, device)
+        if reference_params is None:
+            reference_params = params
+        difference = max(float((p - r).norm() / r.norm().clamp_min(1e-30)) for p, r in zip(params, reference_params))
+        results["optimizer_check"].append({"device": device, "worst_relative_param_difference": difference,
+                                           "against": args.devices[0]})
+        print(f"AdamW + clipping on {device}: parameters within {difference:.1e} of {args.devices[0]}'s after 20 steps", flush=True)
     if args.out:
         write_json_atomically(args.out, results)
 

@@ -106,32 +106,47 @@ def test_bad_factor_is_refused():
         LossSpikeMonitor(factor=1.0)
 
 
-def test_training_by_device_checks_gradients_and_learns(tmp_path, monkeypatch, capsys):
-    """benchmarks/training_by_device.py, the test that narrows down why H100 runs stall: on one device its
-    one-step gradient check finds no difference, its copy of the training step lowers the loss of a tiny
-    model, and a CUDA device on a machine without one is refused with a clear error."""
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import training_by_device
+def square_images(folder):
+    """32 dark 8x8 images with one bright square each: learnable by a tiny UNet in a few dozen steps."""
     from PIL import Image
 
-    folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(32):  # dark backgrounds with one bright square: learnable in a few dozen steps
+    for i in range(32):
         image = np.zeros((8, 8), dtype=np.uint8)
         x, y = rng.integers(0, 5, 2)
         image[y:y + 3, x:x + 3] = 255
         Image.fromarray(image).save(folder / f"{i}.png")
-    flags = ("--resolution 8 --base_channels 16 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 4 "
-             "--num_train_timesteps 100 --prediction_type v_prediction")
+    return folder
+
+
+TINY_MODEL_FLAGS = ("--resolution 8 --base_channels 16 --channel_mult 1,2 --num_res_blocks 1 --attention_resolutions 4 "
+                    "--num_train_timesteps 100 --prediction_type v_prediction")
+
+
+def test_training_by_device_checks_gradients_and_learns(tmp_path, monkeypatch, capsys):
+    """benchmarks/training_by_device.py, the test that narrows down why H100 runs stall: on one device its
+    one-step gradient check is within rounding of the float64 reference, its optimizer check finds no difference,
+    its copy of the training step lowers the loss of a tiny model, and a CUDA device on a machine without one is
+    refused with a clear error."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_by_device
+
+    folder = square_images(tmp_path / "images")
+    flags = TINY_MODEL_FLAGS
     results = training_by_device.main(["--devices", "cpu", "cpu", "--steps", "60", "--batch-size", "8", "--learning-rate", "2e-3",
                                        "--model-flags", flags, "--train-data-dir", str(folder), "--out", str(tmp_path / "r.json")])
-    check = results["gradient_check"]["cpu"]
-    assert check["worst_relative_grad_difference"] == 0.0
+    fp32, again = results["gradient_check"]  # one entry per listed device; the CPU has one kernel setting
+    assert fp32["setting"] == again["setting"] == "fp32" and fp32["device"] == "cpu"
+    # against the float64 reference: rounding-sized, not zero (a check that compared a thing with itself would give 0)
+    assert 0 < fp32["worst_relative_grad_difference"] < 1e-3 and abs(fp32["grad_norm_ratio"] - 1) < 1e-4
+    assert again["worst_relative_grad_difference"] == fp32["worst_relative_grad_difference"]
+    assert len(fp32["worst_parameters"]) == 5 and fp32["worst_parameters"][0][1] == fp32["worst_relative_grad_difference"]
     # every parameter's gradient is compared, not only the output layer's (the UNet zero-initialises several)
-    assert check["parameters_without_gradient"] == 0 and check["parameters"] == len(list(training_by_device.build_unet(
+    assert fp32["parameters_without_gradient"] == 0 and fp32["parameters"] == len(list(training_by_device.build_unet(
         training_by_device.training_args(["--output_dir", "x"] + flags.split()), 1, None).parameters()))
+    assert [c["worst_relative_param_difference"] for c in results["optimizer_check"]] == [0.0, 0.0]
     first, _, last = results["runs"][0]["mean_loss_by_third"]
     assert last < 0.8 * first
     assert [run["variant"] for run in results["runs"]] == ["default", "default"]  # CUDA variants skipped on the CPU
@@ -140,6 +155,42 @@ def test_training_by_device_checks_gradients_and_learns(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         training_by_device.parse_args(["--devices", "cpu", "cuda"])
     assert "torch sees no CUDA device here" in capsys.readouterr().err
+
+
+def test_training_by_device_variants_change_only_what_they_name(tmp_path):
+    """The variants meant for CUDA, run on the CPU: float64 gives the float64 reference's gradients exactly, runs
+    every layer in float64 and gives losses within rounding of fp32's; SDPA's math kernel agrees with the default kernel to rounding; AdamW
+    without foreach is the CPU's default path, so it repeats the default run exactly."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_by_device
+    from training import data
+
+    args = training_by_device.training_args(["--output_dir", "x"] + TINY_MODEL_FLAGS.split())
+    scheduler = training_by_device.build_noise_scheduler(args)
+    dataset = data.load_training_dataset(None, str(square_images(tmp_path / "images")))
+    dataset.set_transform(data.make_transform("image", None, 8, 1))
+    first = data.collate([dataset[i] for i in range(8)])
+    batch = {"x0": first["pixel_values"].float(), "labels": None, "channels": 1, "classes": None,
+             "noise": torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), "t": torch.arange(8) * 12}
+    _, reference = training_by_device.one_step(args, scheduler, batch, "cpu", "fp64")
+    _, again = training_by_device.one_step(args, scheduler, batch, "cpu", "fp64")
+    assert training_by_device.compare_gradients(again, reference)["worst_relative_grad_difference"] == 0.0
+
+    def losses(variant):
+        return training_by_device.train(args, scheduler, dataset, 1, None, "cpu", variant, 6, 8, 2e-3)
+
+    default = losses("default")
+    assert losses("no_foreach") == default
+    assert np.allclose(losses("math_sdpa"), default, rtol=1e-4)
+    dtypes = set()  # what every layer of the fp64 run put out: float64 only, or the variant would be a no-op
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: dtypes.add(output.dtype) if isinstance(output, torch.Tensor) else None)
+    try:
+        fp64 = losses("fp64")
+    finally:
+        hook.remove()
+    assert dtypes == {torch.float64} and np.allclose(fp64, default, rtol=1e-3)
 
 
 def test_first_divergence_finds_where_two_loss_curves_part():
