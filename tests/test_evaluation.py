@@ -43,7 +43,8 @@ def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
     assert results["floor"]["fid"] < min(r["fid"] for r in results["runs"])
     assert abs(sum(results["runs"][0]["class_histogram"]) - 1) < 1e-6
     saved = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
-    assert results["runs"][0]["scheduler"] == {k: saved[k] for k in ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")}
+    assert results["runs"][0]["scheduler"] == {"class": saved["_class_name"],
+                                               **{k: saved[k] for k in ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")}}
     assert Image.open(tmp_path / "curve.png").size[0] > 100
 
 
@@ -85,6 +86,48 @@ def test_evaluate_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path)
     assert resumed["floor"] == first["floor"]
     with pytest.raises(ValueError, match="different setup"):
         evaluate_main([*common, "--steps", "2", "--seed", "1", "--resume"])
+
+
+def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_path):
+    """--scheduler swaps in one of diffusers' multistep solvers built from the model's scheduler config (so
+    v-prediction and the beta schedule carry over): the images scored are those of the pipeline with that
+    scheduler set by hand, and the run says which solver and spacing produced them; a resumed file keeps a
+    run of another spacing apart; an eta for a solver that takes none is refused."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from training.evaluate import sample, use_scheduler
+
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+
+    from .conftest import tiny_unet
+
+    DDPMCustomPipeline(tiny_unet(), DDPMCustomScheduler(num_train_timesteps=20, prediction_type="v_prediction")).save_pretrained(
+        tmp_path / "model")
+    pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
+    pipe.set_progress_bar_config(disable=True)
+    by_hand = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
+    by_hand.scheduler = DPMSolverMultistepScheduler.from_config(by_hand.scheduler.config, algorithm_type="sde-dpmsolver++",
+                                                                timestep_spacing="trailing")
+    by_hand.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, "sde-dpmsolver++", "trailing")
+    ours = sample(pipe, 6, 4, 0.0, 3, 3, 1.0)
+    reference = sample(by_hand, 6, 4, 0.0, 3, 3, 1.0)
+    torch.testing.assert_close(ours, reference)
+    assert not torch.allclose(ours, sample(pipe, 6, 4, 0.0, 4, 3, 1.0))  # the solver's noise follows the seeds
+
+    out = tmp_path / "results.json"
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "12", "--steps", "3", "--batch-size", "12",
+              "--device", "cpu", "--out", str(out), "--scheduler", "sde-dpmsolver++", "--resume"]
+    evaluate_main([*common, "--timestep-spacing", "trailing"])
+    evaluate_main([*common, "--timestep-spacing", "linspace"])
+    evaluate_main([*common, "--timestep-spacing", "linspace"])  # already there: nothing added
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["sampler"], r["eta"], r["scheduler"]["class"], r["scheduler"]["timestep_spacing"]) for r in runs] == [
+        ("SDE-DPM-Solver++ 2M", None, "DPMSolverMultistepScheduler", "trailing"),
+        ("SDE-DPM-Solver++ 2M", None, "DPMSolverMultistepScheduler", "linspace")]
+    assert runs[0]["scheduler"]["prediction_type"] == "v_prediction"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--scheduler", "unipc", "--eta", "1"])
 
 
 def test_results_file_survives_a_write_that_fails_halfway(tmp_path):

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
 from pipeline_ddpm_custom import DDPMCustomPipeline
 from training import data
 from training.atomic_files import write_atomically, write_json_atomically
@@ -29,6 +31,35 @@ from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
 
 SAMPLING_SETTINGS = ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")
+
+# --scheduler -> (label in the results, diffusers scheduler built from the model's scheduler config).
+# "model" keeps the model's own scheduler, whose eta picks DDIM (0), DDPM ancestral (1) or between;
+# the others are diffusers' multistep solvers (one model call per step, like DDIM), which take no eta.
+SCHEDULERS = {
+    "model": (None, None),
+    "dpmsolver++": ("DPM-Solver++ 2M", lambda cfg, **kw: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", **kw)),
+    "sde-dpmsolver++": ("SDE-DPM-Solver++ 2M",
+                        lambda cfg, **kw: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++", **kw)),
+    "unipc": ("UniPC", lambda cfg, **kw: UniPCMultistepScheduler.from_config(cfg, **kw)),
+}
+
+
+def use_scheduler(pipe, name: str, timestep_spacing=None) -> None:
+    """Swap in the --scheduler `name` (the model's own when "model"), with `timestep_spacing` when given."""
+    overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+    _, make = SCHEDULERS[name]
+    pipe.scheduler = (make or type(pipe.scheduler).from_config)(pipe.scheduler.config, **overrides)
+
+
+def sampler_label(scheduler: str, eta: float) -> str:
+    if scheduler != "model":
+        return SCHEDULERS[scheduler][0]
+    return "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}")
+
+
+def run_key(run: dict) -> tuple:
+    """What a finished run measured, for --resume (files from before --timestep-spacing have no spacing)."""
+    return run["sampler"], run["steps"], run.get("scheduler", {}).get("timestep_spacing")
 
 
 def load_extractor(name: str, device):
@@ -133,7 +164,8 @@ def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size
     classes = pipe.unet.config.num_class_embeds
     chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc=f"sampling {len(timesteps or range(steps))} steps, eta {eta}", leave=False):
+    desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps, eta {eta}"
+    for start in tqdm(range(0, num_samples, batch_size), desc=desc, leave=False):
         idx = list(range(start, min(start + batch_size, num_samples)))
         out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
                         eta=eta, class_labels=[i % classes for i in idx] if classes else None,
@@ -158,7 +190,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--num-samples", type=int, default=10000)
     parser.add_argument("--steps", type=int, nargs="+", default=[50])
-    parser.add_argument("--eta", type=float, nargs="+", default=[0.0], help="0 = DDIM, 1 = DDPM ancestral")
+    parser.add_argument("--eta", type=float, nargs="+", default=[0.0],
+                        help="0 = DDIM, 1 = DDPM ancestral (the model's own scheduler only)")
+    parser.add_argument("--scheduler", default="model", choices=list(SCHEDULERS),
+                        help="model: the model's own (DDIM/DDPM by --eta); or one of diffusers' multistep solvers")
+    parser.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
+                        help="override the scheduler's timestep spacing (default: the model's scheduler config)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
@@ -184,6 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--compare takes LABEL=RESULTS.json of an existing file, got {item!r}.")
         compare.append((label, path))
     args.compare = compare
+    if args.scheduler != "model" and args.eta != [0.0]:
+        parser.error(f"--eta applies to the model's own scheduler; {args.scheduler} takes none (drop --eta).")
     if args.batch_size is None:
         args.batch_size = default_batch_size(torch.device(args.device))
     return args
@@ -201,7 +240,7 @@ def main(argv=None):
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
-    done = {(run["eta"], run["steps"]) for run in results["runs"]}
+    done = {run_key(run) for run in results["runs"]}
 
     def save():
         if args.out:
@@ -217,17 +256,20 @@ def main(argv=None):
 
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, args.scheduler, args.timestep_spacing)
     for eta in args.eta:
         for steps in args.steps:
-            if (eta, steps) in done:
+            label = sampler_label(args.scheduler, eta)
+            if (label, steps, pipe.scheduler.config.timestep_spacing) in done:
                 continue
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
-            run = {"sampler": "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}"), "eta": eta,
+            run = {"sampler": label, "eta": eta if args.scheduler == "model" else None,
                    "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
                    "seconds": round(time.time() - start, 1), "device": str(device),
                    # the scheduler settings that change samples without changing the model folder's name
-                   "scheduler": {k: pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}}
+                   "scheduler": {"class": type(pipe.scheduler).__name__,
+                                 **{k: pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}}
             results["runs"].append(run)
             print(f"{run['sampler']:>15} {steps:>5} steps: FID {run['fid']:.3f}  KID {run['kid']:.5f}  "
                   f"classes {min(run['class_histogram']):.3f}..{max(run['class_histogram']):.3f}", flush=True)
