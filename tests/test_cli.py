@@ -24,3 +24,27 @@ def test_missing_model_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline_ddpm_custom", "generate", "--model", str(tmp_path / "nope")],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and result.stderr.startswith("error:")
+
+
+def test_generate_with_a_solver_draws_what_diffusers_draws(tmp_path):
+    """--scheduler sde-dpmsolver++ gives the grid of the same pipeline with diffusers' DPMSolverMultistepScheduler
+    (SDE variant, trailing spacing) set by hand and the same seed; --eta with a solver is refused."""
+    import numpy as np
+    import pytest
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+    from pipeline_ddpm_custom.cli import main
+    from pipeline_ddpm_custom.pictures import grid
+
+    tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "model")
+    assert main(["generate", "--model", str(tmp_path / "model"), "--num-images", "4", "--steps", "6", "--seed", "2",
+                 "--scheduler", "sde-dpmsolver++", "--out", str(tmp_path / "grid.png")]) == 0
+    pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
+                                                             timestep_spacing="trailing")
+    expected = grid(pipe(batch_size=4, num_inference_steps=6, generator=torch.Generator().manual_seed(2)).images)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(expected))
+    with pytest.raises(SystemExit, match="takes none"):
+        main(["generate", "--model", str(tmp_path / "model"), "--scheduler", "unipc", "--eta", "0"])

@@ -62,6 +62,10 @@ def test_generate_api_is_deterministic(app_url):
     assert not np.array_equal(first[0], other[0])
     dpm = gallery_arrays(generate(client, sampler="DPM-Solver++ (multistep)", num_images=2)[1])
     assert len(dpm) == 2
+    # the SDE solver draws fresh noise every step, from the request's seed: the same seed, the same images
+    sde = [gallery_arrays(generate(client, sampler="SDE-DPM-Solver++ (multistep)", num_images=2)[1]) for _ in range(2)]
+    np.testing.assert_array_equal(sde[0][0], sde[1][0])
+    assert not np.array_equal(sde[0][0], dpm[0])
 
 
 def test_generate_streams_previews(app_url):

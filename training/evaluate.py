@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.solvers import SOLVERS, solver_from_config
 from training import data
 from training.atomic_files import write_atomically, write_json_atomically
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
@@ -32,28 +31,24 @@ from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
 SAMPLING_SETTINGS = ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")
 
-# --scheduler -> (label in the results, diffusers scheduler built from the model's scheduler config).
-# "model" keeps the model's own scheduler, whose eta picks DDIM (0), DDPM ancestral (1) or between;
-# the others are diffusers' multistep solvers (one model call per step, like DDIM), which take no eta.
-SCHEDULERS = {
-    "model": (None, None),
-    "dpmsolver++": ("DPM-Solver++ 2M", lambda cfg, **kw: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", **kw)),
-    "sde-dpmsolver++": ("SDE-DPM-Solver++ 2M",
-                        lambda cfg, **kw: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="sde-dpmsolver++", **kw)),
-    "unipc": ("UniPC", lambda cfg, **kw: UniPCMultistepScheduler.from_config(cfg, **kw)),
-}
+# --scheduler: "model" keeps the model's own scheduler, whose eta picks DDIM (0), DDPM ancestral (1) or
+# between; the others are diffusers' multistep solvers (one model call per step, like DDIM; no eta).
+SCHEDULER_CHOICES = ("model", *SOLVERS)
 
 
 def use_scheduler(pipe, name: str, timestep_spacing=None) -> None:
-    """Swap in the --scheduler `name` (the model's own when "model"), with `timestep_spacing` when given."""
-    overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
-    _, make = SCHEDULERS[name]
-    pipe.scheduler = (make or type(pipe.scheduler).from_config)(pipe.scheduler.config, **overrides)
+    """Swap in the --scheduler `name`, with `timestep_spacing` when given (else the model's own for
+    "model", trailing for a solver)."""
+    if name == "model":
+        overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
+    else:
+        pipe.scheduler = solver_from_config(name, pipe.scheduler.config, timestep_spacing or "trailing")
 
 
 def sampler_label(scheduler: str, eta: float) -> str:
     if scheduler != "model":
-        return SCHEDULERS[scheduler][0]
+        return SOLVERS[scheduler][0]
     return "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}")
 
 
@@ -192,10 +187,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, nargs="+", default=[50])
     parser.add_argument("--eta", type=float, nargs="+", default=[0.0],
                         help="0 = DDIM, 1 = DDPM ancestral (the model's own scheduler only)")
-    parser.add_argument("--scheduler", default="model", choices=list(SCHEDULERS),
+    parser.add_argument("--scheduler", default="model", choices=SCHEDULER_CHOICES,
                         help="model: the model's own (DDIM/DDPM by --eta); or one of diffusers' multistep solvers")
     parser.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
-                        help="override the scheduler's timestep spacing (default: the model's scheduler config)")
+                        help="override the timestep spacing (default: the model's for its own scheduler, trailing for a solver)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
