@@ -130,6 +130,17 @@ def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_p
         parse_args(["--model", "m", "--scheduler", "unipc", "--eta", "1"])
 
 
+def test_resume_tells_runs_apart_by_sampler_steps_and_spacing():
+    from training.evaluate import already_measured
+
+    runs = [{"sampler": "DDIM", "steps": 50},  # from a file older than the recorded scheduler settings
+            {"sampler": "SDE-DPM-Solver++ 2M", "steps": 50, "scheduler": {"timestep_spacing": "trailing"}}]
+    assert already_measured(runs, "DDIM", 50, "leading") and not already_measured(runs, "DDIM", 25, "leading")
+    assert already_measured(runs, "SDE-DPM-Solver++ 2M", 50, "trailing")
+    assert not already_measured(runs, "SDE-DPM-Solver++ 2M", 50, "linspace")
+    assert not already_measured(runs, "DPM-Solver++ 2M", 50, "trailing")
+
+
 def test_results_file_survives_a_write_that_fails_halfway(tmp_path):
     """The results that --resume keeps are replaced whole or not at all: a dump that dies midway (here on a
     value JSON cannot hold, after the first keys are written) leaves the previous file as it was, and no stray file."""

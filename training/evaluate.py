@@ -52,9 +52,11 @@ def sampler_label(scheduler: str, eta: float) -> str:
     return "DDIM" if eta == 0 else ("DDPM ancestral" if eta == 1 else f"DDIM eta={eta}")
 
 
-def run_key(run: dict) -> tuple:
-    """What a finished run measured, for --resume (files from before --timestep-spacing have no spacing)."""
-    return run["sampler"], run["steps"], run.get("scheduler", {}).get("timestep_spacing")
+def already_measured(runs, sampler: str, steps: int, timestep_spacing: str) -> bool:
+    """Whether --resume keeps a finished run of this setting (runs from before the scheduler settings were
+    recorded count for any spacing: they were measured with the model's own)."""
+    return any(run["sampler"] == sampler and run["steps"] == steps
+               and run.get("scheduler", {}).get("timestep_spacing", timestep_spacing) == timestep_spacing for run in runs)
 
 
 def load_extractor(name: str, device):
@@ -235,7 +237,6 @@ def main(argv=None):
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
-    done = {run_key(run) for run in results["runs"]}
 
     def save():
         if args.out:
@@ -255,7 +256,7 @@ def main(argv=None):
     for eta in args.eta:
         for steps in args.steps:
             label = sampler_label(args.scheduler, eta)
-            if (label, steps, pipe.scheduler.config.timestep_spacing) in done:
+            if already_measured(results["runs"], label, steps, pipe.scheduler.config.timestep_spacing):
                 continue
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
