@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .solvers import SOLVERS
+from .solvers import SOLVERS, solver_from_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 def generate(args) -> int:
     from .pictures import DenoisingRecorder, grid
     from .pipeline_ddpm_custom import DDPMCustomPipeline
-
-    from .solvers import solver_from_config
 
     if args.num_images < 1:
         raise SystemExit("--num-images must be at least 1.")

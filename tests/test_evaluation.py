@@ -95,9 +95,8 @@ def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_p
     run of another spacing apart; an eta for a solver that takes none is refused."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from training.evaluate import sample, use_scheduler
-
     from pipeline_ddpm_custom import DDPMCustomScheduler
+    from training.evaluate import sample, use_scheduler
 
     from .conftest import tiny_unet
 

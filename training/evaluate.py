@@ -39,11 +39,10 @@ SCHEDULER_CHOICES = ("model", *SOLVERS)
 def use_scheduler(pipe, name: str, timestep_spacing=None) -> None:
     """Swap in the --scheduler `name`, with `timestep_spacing` when given (else the model's own for
     "model", trailing for a solver)."""
-    if name == "model":
-        overrides = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
-    else:
+    if name != "model":
         pipe.scheduler = solver_from_config(name, pipe.scheduler.config, timestep_spacing or "trailing")
+    elif timestep_spacing:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=timestep_spacing)
 
 
 def sampler_label(scheduler: str, eta: float) -> str:
