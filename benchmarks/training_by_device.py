@@ -158,10 +158,11 @@ def train(model_args, scheduler, dataset, channels: int, classes, device: str, v
                 if variant != "no_reseed":
                     torch.manual_seed(step_seed(0, len(losses), 0))
                 labels = batch.get("labels")
-                x0, noise, timesteps, labels = draw_step_inputs(batch["pixel_values"].float().to(device),
+                x0, noise, timesteps, labels, input_noise = draw_step_inputs(batch["pixel_values"].float().to(device),
                                                                 None if labels is None else labels.to(device),
                                                                 model_args, classes, draw_on)
-                loss = training_losses(model, scheduler, x0, timesteps, noise=noise, class_labels=labels).mean()
+                loss = training_losses(model, scheduler, x0, timesteps, noise=noise, class_labels=labels,
+                                       input_noise=input_noise).mean()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(unet.parameters(), model_args.max_grad_norm, foreach=foreach)
                 optimizer.step()

@@ -42,9 +42,14 @@ def training_losses(
     noise: Optional[torch.Tensor] = None,
     class_labels: Optional[torch.Tensor] = None,
     snr_gamma: Optional[float] = None,
+    input_noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-sample loss (B,): MSE between the model's output on x_t = q_sample(x0, t, noise) and the
     scheduler's target (Ho et al. eq. 14 for eps), optionally Min-SNR weighted.
+
+    ``input_noise`` (default ``noise``) is the noise x_t is formed with while the target keeps ``noise``:
+    input perturbation (Ning et al. 2023, diffusers' ``--input_perturbation``) passes noise + gamma * xi,
+    so that the model learns to denoise inputs a little off the forward process, as its own samples are.
 
     x_t is formed in float32 whatever the inputs' dtype, so mixed precision never loses the noise at
     small t. With ``variance_type="learned_range"`` the second half of the output channels is trained
@@ -52,7 +57,8 @@ def training_losses(
     """
     x0 = x0.float()
     noise = torch.randn_like(x0) if noise is None else noise.float()
-    x_t = scheduler.add_noise(x0, noise, timesteps)
+    input_noise = noise if input_noise is None else input_noise.float()
+    x_t = scheduler.add_noise(x0, input_noise, timesteps)
     output = model(x_t, timesteps, class_labels=class_labels).sample.float()
     channels = x0.shape[1]
     learned = output.shape[1] == 2 * channels

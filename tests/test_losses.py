@@ -20,6 +20,21 @@ def test_loss_is_mse_against_the_scheduler_target(prediction):
     torch.testing.assert_close(training_target(scheduler, x0, noise, t), target)
 
 
+def test_input_noise_enters_x_t_and_not_the_target():
+    """Input perturbation: x_t is formed with `input_noise`, the v target with the plain noise (as in
+    diffusers' train_text_to_image.py, whose reference formula this is)."""
+    scheduler = DDPMCustomScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    unet = tiny_unet()
+    x0, noise, t = torch.rand(3, 1, 8, 8) * 2 - 1, torch.randn(3, 1, 8, 8), torch.tensor([0, 40, 99])
+    input_noise = noise + 0.1 * torch.randn_like(noise)
+    loss = training_losses(unet, scheduler, x0, t, noise=noise, input_noise=input_noise)
+    with torch.no_grad():
+        out = unet(scheduler.add_noise(x0, input_noise, t), t).sample
+    target = scheduler.get_velocity(x0, noise, t)
+    torch.testing.assert_close(loss, ((out - target) ** 2).mean(dim=(1, 2, 3)))
+    assert not torch.allclose(loss, training_losses(unet, scheduler, x0, t, noise=noise))
+
+
 def test_min_snr_weights():
     s = DDPMCustomScheduler()
     t = torch.tensor([0, 500, 999])

@@ -55,6 +55,7 @@ def unet_weights(folder, variant=None):
         (["--dataset_name", "x", "--train_data_dir", "y"], "not both"),
         (["--channel_mult", "1,a"], "comma-separated integers"),
         (["--train_batch_size", "0"], "train_batch_size"),
+        (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
     ],
 )
 def test_argument_errors_are_clear(tmp_path, capsys, argv, message):
@@ -281,3 +282,21 @@ def test_in_training_sampling_batches_like_evaluate(monkeypatch):
     images = sample_on_all_ranks(accelerator, unet, DDPMCustomScheduler(), batch + 3, 1, 0.0, "pt")
     assert calls == [batch, 3]
     assert len(images) == batch + 3
+
+
+def test_input_perturbation_is_drawn_last_and_only_enters_the_input():
+    """With --input_perturbation the step's other draws are those of a plain run (so the per-step seeds
+    of a resumed run still hold), and the extra noise has the asked-for scale."""
+    from training.train_ddpm import draw_step_inputs, parse_args
+
+    x0, labels = torch.rand(256, 1, 8, 8) * 2 - 1, torch.arange(256) % 10
+    drawn = {}
+    for gamma in (0.0, 0.1):
+        args = parse_args(["--output_dir", "x", "--input_perturbation", str(gamma), "--random_flip"])
+        torch.manual_seed(7)
+        drawn[gamma] = draw_step_inputs(x0, labels, args, 10)
+    for plain, perturbed in zip(drawn[0.0][:4], drawn[0.1][:4]):
+        assert torch.equal(plain, perturbed)
+    assert drawn[0.0][4] is drawn[0.0][1]
+    extra = (drawn[0.1][4] - drawn[0.1][1]) / 0.1
+    assert abs(extra.std().item() - 1) < 0.02 and abs(extra.mean().item()) < 0.02

@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--snr_gamma", type=float, default=None,
                    help="Min-SNR loss weighting (5.0 is the paper's choice): the loss of a step at signal-to-noise "
                         "ratio SNR times min(SNR, gamma)/SNR for epsilon, min(SNR, gamma)/(SNR + 1) for v-prediction")
+    g.add_argument("--input_perturbation", type=float, default=0.0,
+                   help="input perturbation (Ning et al. 2023; 0.1 is the paper's choice): x_t is formed with noise + "
+                        "gamma * extra noise while the target keeps the plain noise, against exposure bias (0: off)")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -141,6 +144,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {args.eval_num_samples}.")
     if not 0.0 <= args.cond_drop_prob < 1.0:
         raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}.")
+    if args.input_perturbation < 0:
+        raise ValueError(f"--input_perturbation must be >= 0 (0 turns it off; 0.1 is the paper's choice), got {args.input_perturbation}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
     if max(args.validation_inference_steps, args.eval_inference_steps) > args.num_train_timesteps:
@@ -229,8 +234,10 @@ def step_seed(seed: int, micro_step: int, rank: int) -> int:
 
 def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None):
     """The random part of one training step, in the order that a resumed run's per-step seed relies on:
-    flips, noise, timesteps, label drops (to the null class, for classifier-free guidance). `draw_on`
-    draws the numbers on another device and moves them to x0's (benchmarks/training_by_device.py)."""
+    flips, noise, timesteps, label drops (to the null class, for classifier-free guidance), then the
+    input perturbation, last so that the earlier draws do not depend on it. Returns x0, the target's
+    noise, timesteps, labels and the noise x_t is formed with. `draw_on` draws the numbers on another
+    device and moves them to x0's (benchmarks/training_by_device.py)."""
     device = x0.device
     draw_on = draw_on or device
     if args.random_flip:
@@ -241,7 +248,10 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None):
     if labels is not None:
         drop = torch.rand(labels.shape[0], device=draw_on).to(device) < args.cond_drop_prob
         labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-    return x0, noise, timesteps, labels
+    input_noise = noise
+    if args.input_perturbation > 0:
+        input_noise = noise + args.input_perturbation * torch.randn(x0.shape, device=draw_on).to(device)
+    return x0, noise, timesteps, labels, input_noise
 
 
 @contextlib.contextmanager
@@ -469,10 +479,11 @@ def train(args) -> int:
             torch.manual_seed(step_seed(args.seed, micro_step, accelerator.process_index))
             micro_step += 1
             with accelerator.accumulate(unet):
-                x0, noise, timesteps, labels = draw_step_inputs(batch["pixel_values"].float(), batch.get("labels"), args, num_classes)
+                x0, noise, timesteps, labels, input_noise = draw_step_inputs(
+                    batch["pixel_values"].float(), batch.get("labels"), args, num_classes)
                 with accelerator.autocast():
                     loss = training_losses(unet, noise_scheduler, x0, timesteps, noise=noise, class_labels=labels,
-                                           snr_gamma=args.snr_gamma).mean()
+                                           snr_gamma=args.snr_gamma, input_noise=input_noise).mean()
                 # every rank must take the same branch, or the gradient all-reduce would hang
                 bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum").item() > 0
                 if bad:
