@@ -23,3 +23,10 @@ def solver_from_config(name: str, config, timestep_spacing: str = "trailing"):
         raise ValueError(f"Unknown solver {name!r}; choose one of {', '.join(SOLVERS)}.")
     _, scheduler_class, settings = SOLVERS[name]
     return scheduler_class.from_config(config, timestep_spacing=timestep_spacing, **settings)
+
+
+def check_eta_applies(scheduler: str, eta_given: bool) -> None:
+    """Refuse an eta for a solver: only the model's own scheduler takes one (the solvers' noise is fixed by
+    their algorithm), and silently ignoring it would report a setting that never took effect."""
+    if scheduler != "model" and eta_given:
+        raise ValueError(f"--eta applies to the model's own scheduler; {scheduler} takes none (drop --eta).")

@@ -26,11 +26,10 @@ def test_missing_model_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error:")
 
 
-def test_generate_with_a_solver_draws_what_diffusers_draws(tmp_path):
+def test_generate_with_a_solver_draws_what_diffusers_draws(tmp_path, capsys):
     """--scheduler sde-dpmsolver++ gives the grid of the same pipeline with diffusers' DPMSolverMultistepScheduler
     (SDE variant, trailing spacing) set by hand and the same seed; --eta with a solver is refused."""
     import numpy as np
-    import pytest
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
@@ -46,5 +45,29 @@ def test_generate_with_a_solver_draws_what_diffusers_draws(tmp_path):
                                                              timestep_spacing="trailing")
     expected = grid(pipe(batch_size=4, num_inference_steps=6, generator=torch.Generator().manual_seed(2)).images)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(expected))
-    with pytest.raises(SystemExit, match="takes none"):
-        main(["generate", "--model", str(tmp_path / "model"), "--scheduler", "unipc", "--eta", "0"])
+    assert main(["generate", "--model", str(tmp_path / "model"), "--scheduler", "unipc", "--eta", "0"]) == 2
+    assert "unipc takes none (drop --eta)" in capsys.readouterr().err
+
+
+def test_generate_defaults_to_ddim(tmp_path):
+    """Without --eta the CLI's 50-step default runs deterministic DDIM (eta 0), not the pipeline's eta 1, which
+    is meant for the full chain: its grid is the pipeline's with eta=0 and the same seed, and differs from eta=1."""
+    import numpy as np
+    import torch
+
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+    from pipeline_ddpm_custom.cli import main
+    from pipeline_ddpm_custom.pictures import grid
+
+    tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "model")
+    assert main(["generate", "--model", str(tmp_path / "model"), "--num-images", "4", "--steps", "6", "--seed", "1",
+                 "--out", str(tmp_path / "grid.png")]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "grid.png"))
+    pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
+
+    def grid_for(eta):
+        images = pipe(batch_size=4, num_inference_steps=6, eta=eta, generator=torch.Generator().manual_seed(1)).images
+        return np.asarray(grid(images))
+
+    np.testing.assert_array_equal(drawn, grid_for(0.0))
+    assert not np.array_equal(drawn, grid_for(1.0))

@@ -92,7 +92,7 @@ def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_p
     """--scheduler swaps in one of diffusers' multistep solvers built from the model's scheduler config (so
     v-prediction and the beta schedule carry over): the images scored are those of the pipeline with that
     scheduler set by hand, and the run says which solver and spacing produced them; a resumed file keeps a
-    run of another spacing apart; an eta for a solver that takes none is refused."""
+    run of another spacing apart; an eta for a solver that takes none is refused, even 0."""
     from diffusers import DPMSolverMultistepScheduler
 
     from pipeline_ddpm_custom import DDPMCustomScheduler
@@ -125,8 +125,10 @@ def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_p
         ("SDE-DPM-Solver++ 2M", None, "DPMSolverMultistepScheduler", "trailing"),
         ("SDE-DPM-Solver++ 2M", None, "DPMSolverMultistepScheduler", "linspace")]
     assert runs[0]["scheduler"]["prediction_type"] == "v_prediction"
-    with pytest.raises(SystemExit):
-        parse_args(["--model", "m", "--scheduler", "unipc", "--eta", "1"])
+    for eta in ("1", "0"):  # 0 too: a solver ignores any eta, so asking for one is a mistake worth saying
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "m", "--scheduler", "unipc", "--eta", eta])
+    assert parse_args(["--model", "m"]).eta == [0.0]
 
 
 def test_resume_tells_runs_apart_by_sampler_steps_and_spacing():

@@ -14,6 +14,7 @@ class-conditional model, uniformly cycling class labels.
 """
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -23,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
-from pipeline_ddpm_custom.solvers import SOLVERS, solver_from_config
+from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from_config
 from training import data
 from training.atomic_files import write_atomically, write_json_atomically
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
@@ -160,7 +161,8 @@ def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size
     classes = pipe.unet.config.num_class_embeds
     chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
-    desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps, eta {eta}"
+    takes_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters  # the solvers do not: don't show one
+    desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps" + (f", eta {eta}" if takes_eta else "")
     for start in tqdm(range(0, num_samples, batch_size), desc=desc, leave=False):
         idx = list(range(start, min(start + batch_size, num_samples)))
         out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
@@ -186,8 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--num-samples", type=int, default=10000)
     parser.add_argument("--steps", type=int, nargs="+", default=[50])
-    parser.add_argument("--eta", type=float, nargs="+", default=[0.0],
-                        help="0 = DDIM, 1 = DDPM ancestral (the model's own scheduler only)")
+    parser.add_argument("--eta", type=float, nargs="+", default=None,
+                        help="0 = DDIM (default), 1 = DDPM ancestral (the model's own scheduler only)")
     parser.add_argument("--scheduler", default="model", choices=SCHEDULER_CHOICES,
                         help="model: the model's own (DDIM/DDPM by --eta); or one of diffusers' multistep solvers")
     parser.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
@@ -217,8 +219,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--compare takes LABEL=RESULTS.json of an existing file, got {item!r}.")
         compare.append((label, path))
     args.compare = compare
-    if args.scheduler != "model" and args.eta != [0.0]:
-        parser.error(f"--eta applies to the model's own scheduler; {args.scheduler} takes none (drop --eta).")
+    try:
+        check_eta_applies(args.scheduler, args.eta is not None)
+    except ValueError as error:
+        parser.error(str(error))
+    args.eta = args.eta or [0.0]
     if args.batch_size is None:
         args.batch_size = default_batch_size(torch.device(args.device))
     return args
