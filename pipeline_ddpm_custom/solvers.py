@@ -13,6 +13,9 @@ from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 SOLVERS = {
     "dpmsolver++": ("DPM-Solver++ 2M", DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "sde-dpmsolver++": ("SDE-DPM-Solver++ 2M", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    # Karras et al. (2022) noise levels (rho = 7): steps crowd towards the low-noise end ("DPM++ 2M SDE Karras")
+    "sde-dpmsolver++-karras": ("SDE-DPM-Solver++ 2M Karras", DPMSolverMultistepScheduler,
+                               {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
     "unipc": ("UniPC", UniPCMultistepScheduler, {}),
 }
 
