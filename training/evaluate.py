@@ -14,7 +14,6 @@ class-conditional model, uniformly cycling class labels.
 """
 
 import argparse
-import inspect
 import json
 import os
 import time
@@ -154,15 +153,14 @@ def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
 
 
 @torch.no_grad()
-def sample(pipe, num_samples: int, steps: int, eta: float, seed: int, batch_size: int, guidance_scale: float,
+def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, guidance_scale: float,
            timesteps=None) -> torch.Tensor:
     """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
-    replaces the scheduler's own spacing of `steps`."""
+    replaces the scheduler's own spacing of `steps`; `eta` is None for a scheduler that takes none (a solver)."""
     classes = pipe.unet.config.num_class_embeds
     chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
-    takes_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters  # the solvers do not: don't show one
-    desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps" + (f", eta {eta}" if takes_eta else "")
+    desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps" + ("" if eta is None else f", eta {eta}")
     for start in tqdm(range(0, num_samples, batch_size), desc=desc, leave=False):
         idx = list(range(start, min(start + batch_size, num_samples)))
         out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
@@ -223,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_eta_applies(args.scheduler, args.eta is not None)
     except ValueError as error:
         parser.error(str(error))
-    args.eta = args.eta or [0.0]
+    args.eta = args.eta or ([0.0] if args.scheduler == "model" else [None])  # None: a solver, which takes no eta
     if args.batch_size is None:
         args.batch_size = default_batch_size(torch.device(args.device))
     return args
@@ -264,7 +262,7 @@ def main(argv=None):
                 continue
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
-            run = {"sampler": label, "eta": eta if args.scheduler == "model" else None,
+            run = {"sampler": label, "eta": eta,
                    "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
                    "seconds": round(time.time() - start, 1), "device": str(device),
                    # the scheduler settings that change samples without changing the model folder's name
