@@ -56,6 +56,7 @@ def unet_weights(folder, variant=None):
         (["--channel_mult", "1,a"], "comma-separated integers"),
         (["--train_batch_size", "0"], "train_batch_size"),
         (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
+        (["--ema_min_decay", "0.9", "--ema_max_decay", "0.5"], "--ema_min_decay <= --ema_max_decay"),
     ],
 )
 def test_argument_errors_are_clear(tmp_path, capsys, argv, message):
@@ -136,12 +137,17 @@ def test_image_folder_rgb_with_the_shipped_cpu_config(tmp_path):
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
 
 
-def logged_losses(output_dir):
-    """{step: train/loss} from a run's TensorBoard logs, read by the benchmarks' plotting script."""
+def logged_scalars(output_dir, tag):
+    """{step: value} of one scalar in a run's TensorBoard logs, read by the benchmarks' plotting script."""
     spec = importlib.util.spec_from_file_location("plot_training_loss", ROOT / "benchmarks" / "plot_training_loss.py")
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
-    return dict(plot.read_scalars(str(Path(output_dir) / "logs"))["train/loss"])
+    return dict(plot.read_scalars(str(Path(output_dir) / "logs"))[tag])
+
+
+def logged_losses(output_dir):
+    """{step: train/loss} from a run's TensorBoard logs."""
+    return logged_scalars(output_dir, "train/loss")
 
 
 def test_logged_loss_is_the_mean_over_its_logging_window(tmp_path):
@@ -153,6 +159,19 @@ def test_logged_loss_is_the_mean_over_its_logging_window(tmp_path):
     assert sorted(per_step) == [1, 2, 3, 4] and sorted(windowed) == [4]
     assert windowed[4] == pytest.approx(np.mean([per_step[s] for s in (1, 2, 3, 4)]), rel=1e-5)
     assert windowed[4] != pytest.approx(per_step[4], rel=1e-3)  # the steps differ enough to tell the two apart
+
+
+def test_constant_ema_decay_from_the_first_step(tmp_path):
+    """--ema_min_decay equal to --ema_max_decay turns the EMA warm-up off (fine-tuning keeps its starting weights);
+    without it the decay warms up from 0, as diffusers' EMAModel does."""
+    decay_args = ["--ema_min_decay", "0.95", "--ema_max_decay", "0.95"]
+    run_training(tmp_path / "constant", "--max_train_steps", "3", *decay_args)
+    run_training(tmp_path / "warmup", "--max_train_steps", "3")
+    constant, warmup = (logged_scalars(tmp_path / run, "train/ema_decay") for run in ("constant", "warmup"))
+    # diffusers' EMAModel copies the weights at the first step (decay 0) whatever the settings: one optimizer step from
+    # the starting weights, so those are kept
+    assert sorted(constant) == [1, 2, 3] and constant[1] == 0 and constant[2] == constant[3] == pytest.approx(0.95)
+    assert warmup[2] == pytest.approx(1 - 2 ** -0.75)  # 0.41, the warm-up's second step
 
 
 def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):

@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ema_max_decay", type=float, default=0.9999)
     g.add_argument("--ema_inv_gamma", type=float, default=1.0)
     g.add_argument("--ema_power", type=float, default=3 / 4)
+    g.add_argument("--ema_min_decay", type=float, default=0.0,
+                   help="floor of the EMA decay, which otherwise warms up from 0; equal to --ema_max_decay, the decay is "
+                        "constant from the second step (diffusers' EMAModel copies the weights at the first): for fine-tuning, where the starting weights are already good and the "
+                        "warm-up would forget them within a few hundred steps")
     g = p.add_argument_group("progress, validation and checkpoints")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--logging_steps", type=int, default=10)
@@ -146,6 +150,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}.")
     if args.input_perturbation < 0:
         raise ValueError(f"--input_perturbation must be >= 0 (0 turns it off; 0.1 is the paper's choice), got {args.input_perturbation}.")
+    if not 0.0 <= args.ema_min_decay <= args.ema_max_decay < 1.0:
+        raise ValueError(f"The EMA decays must satisfy 0 <= --ema_min_decay <= --ema_max_decay < 1, got "
+                         f"{args.ema_min_decay} and {args.ema_max_decay}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
     if max(args.validation_inference_steps, args.eval_inference_steps) > args.num_train_timesteps:
@@ -414,8 +421,8 @@ def train(args) -> int:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = build_noise_scheduler(args)
-    ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                   power=args.ema_power, foreach=True, model_cls=DDPMCustomUNet, model_config=unet.config)
+    ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, min_decay=args.ema_min_decay, use_ema_warmup=True,
+                   inv_gamma=args.ema_inv_gamma, power=args.ema_power, foreach=True, model_cls=DDPMCustomUNet, model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
