@@ -16,7 +16,7 @@ from training.evaluate import default_batch_size, parse_args
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
-from .conftest import tiny_pipeline
+from .conftest import tiny_pipeline, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -386,3 +386,31 @@ def test_timestep_placement_benchmark_runs_the_chains_it_names(tmp_path):
     assert [run["timesteps"] for run in results["runs"]] == [pipe.scheduler.timesteps.tolist(), placed_timesteps("power2", 4, 20)]
     assert results["runs"][0]["fid"] != results["runs"][1]["fid"]
     assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(results))
+
+
+def test_average_weights_benchmark_saves_the_mean_and_refuses_other_architectures(tmp_path, capsys):
+    """benchmarks/average_weights.py: the saved UNet is the parameter-wise mean of its sources (one of them stored
+    in fp16, as the bundle is), it loads through DiffusionPipeline like any pipeline, and a source of another
+    architecture is refused with the config keys that differ."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from average_weights import main as average_main
+
+    from diffusers import DiffusionPipeline
+
+    sources = [tiny_pipeline(), tiny_pipeline()]
+    sources[1].unet = tiny_unet(seed=1)
+    sources[1].unet.to(torch.float16)
+    for i, source in enumerate(sources):
+        source.save_pretrained(tmp_path / f"source{i}")
+    assert average_main([str(tmp_path / "averaged"), str(tmp_path / "source0"), str(tmp_path / "source1")]) == 0
+    averaged = DiffusionPipeline.from_pretrained(tmp_path / "averaged", trust_remote_code=True).unet
+    first, second = (dict(s.unet.named_parameters()) for s in sources)
+    for name, param in averaged.named_parameters():
+        assert param.dtype == torch.float32
+        torch.testing.assert_close(param, (first[name] + second[name].float()) / 2)
+    assert not torch.equal(first["conv_in.weight"], second["conv_in.weight"].float())  # the sources differ
+
+    tiny_pipeline(base_channels=32).save_pretrained(tmp_path / "wider")
+    with pytest.raises(SystemExit):
+        average_main([str(tmp_path / "bad"), str(tmp_path / "source0"), str(tmp_path / "wider")])
+    assert "base_channels" in capsys.readouterr().err and not (tmp_path / "bad").exists()
