@@ -18,19 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomUNet  # noqa: E402
 
-# config keys that name a file's history, not the architecture
-_NOT_ARCHITECTURE = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values"}
-
-
 def architecture(unet: DDPMCustomUNet) -> dict:
-    return {k: v for k, v in unet.config.items() if k not in _NOT_ARCHITECTURE}
+    """The UNet's config without diffusers' private keys (its class, version and source folder)."""
+    return {k: v for k, v in unet.config.items() if not k.startswith("_")}
 
 
 def average_state_dicts(unets: list) -> dict:
     """The float32 mean of the UNets' parameters and buffers, which must share one architecture."""
     first = architecture(unets[0])
     for i, unet in enumerate(unets[1:], start=1):
-        differing = sorted(k for k in first.keys() | architecture(unet).keys() if first.get(k) != unet.config.get(k))
+        other = architecture(unet)
+        differing = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if differing:
             raise ValueError(f"source {i + 1} is a different UNet from source 1 (config keys {differing} differ): "
                              "only models with one architecture can be averaged.")

@@ -96,9 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ema_inv_gamma", type=float, default=1.0)
     g.add_argument("--ema_power", type=float, default=3 / 4)
     g.add_argument("--ema_min_decay", type=float, default=0.0,
-                   help="floor of the EMA decay, which otherwise warms up from 0; equal to --ema_max_decay, the decay is "
-                        "constant from the second step (diffusers' EMAModel copies the weights at the first): for fine-tuning, where the starting weights are already good and the "
-                        "warm-up would forget them within a few hundred steps")
+                   help="floor of the EMA decay, which otherwise warms up from 0; equal to --ema_max_decay, the decay "
+                        "is constant from the second step (diffusers' EMAModel copies the weights at the first): for "
+                        "fine-tuning, where the starting weights are already good and the warm-up would forget them")
     g = p.add_argument_group("progress, validation and checkpoints")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--logging_steps", type=int, default=10)
