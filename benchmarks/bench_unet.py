@@ -1,12 +1,14 @@
 """Our UNet against diffusers' UNet2DModel at the same parameter count, resolution and attention
 placement, side by side in one run, reported as ratios.
 
-    python benchmarks/bench_unet.py [--quick] [--device cpu|cuda] [--out benchmarks/results-cpu.json]
+    python benchmarks/bench_unet.py [--quick] [--compile] [--device cpu|cuda] [--out benchmarks/results-cpu.json]
 
 Measures training images/s (fp32 and bf16 autocast, batch 64 and 128), sampling image-steps/s
 (batch 1, 16, 256), wall time for 16 images in 25 DDIM steps through the full pipeline, and peak
 memory. The machines are shared and noisy: each measurement alternates the two models and takes
-the median of several repeats.
+the median of several repeats. With --compile, each row also times both models under torch.compile
+(inductor) in the same run, so the table says what compilation buys each of them and the ratio between
+the compiled pair.
 """
 
 import argparse
@@ -49,13 +51,32 @@ def make_models(device, channels_last):
     return {"ours": ours, "diffusers": peer}
 
 
+def add_compiled(models):
+    """Adds a torch.compile'd twin of each model (sharing its weights). Inductor's freezing folds the weights
+    into no-grad graphs as constants, which is where a CPU gains at sampling; it does not touch training graphs.
+    dynamic=False gives each batch size, precision and mode its own specialised graph, hence the raised limit."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True
+    torch._dynamo.config.recompile_limit = 64
+    return {**models, **{f"{name} compiled": torch.compile(model, dynamic=False) for name, model in models.items()}}
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up (and compilation)
+def timed(fn, device, repeats, first_call=None):
+    """Median seconds of ``fn`` over ``repeats`` calls after a warm-up call; ``first_call`` (a dict) gets the
+    warm-up's seconds, which include compilation."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    if first_call is not None:
+        first_call["seconds"] = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         sync(device)
@@ -129,32 +150,48 @@ def memory_child(name, batch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and no batch 256 (smoke run)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 64 training, batch 1 and 16 sampling, and 2 repeats unless --repeats is given")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 5)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time both models under torch.compile (inductor, with freezing) in the same run")
     parser.add_argument("--only", choices=["all", "memory"], default="all", help="memory: only the peak-memory rows")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child[0], int(args.memory_child[1]))
-    device, repeats = args.device, (2 if args.quick else args.repeats)
+    device, repeats = args.device, args.repeats or (2 if args.quick else 5)
     torch.backends.cudnn.benchmark = True
     models = make_models(device, channels_last=False)
-    results = {"device": device, "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    eager_names = list(models)
+    results = {"compiled": args.compile, "device": device, "machine": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(),
                "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if device == "cuda" else None,
                # the bf16 rows depend on it: without fast bf16 (AVX2-only CPUs) autocast is ~12x slower than fp32
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
                "params": {k: params(m) for k, m in models.items()}, "rows": []}
+    if args.compile:
+        models = add_compiled(models)
     print(f"parameters: ours {results['params']['ours']:,}  diffusers {results['params']['diffusers']:,}")
 
     def compare(label, make, unit, per_call):
         row = {"what": label, "unit": unit}
         for name, model in models.items():
-            fn = make(model)
-            row[name] = per_call / timed(fn, device, repeats)
+            first_call = {}
+            row[name] = per_call / timed(make(model), device, repeats, first_call)
+            if name.endswith("compiled"):
+                row[f"{name} first call seconds"] = first_call["seconds"]  # mostly compilation
         row["ratio"] = row["ours"] / row["diffusers"]
+        line = f"{label:<24} ours {row['ours']:>7.1f}  diffusers {row['diffusers']:>7.1f} {unit}  ratio {row['ratio']:.2f}x"
+        if args.compile:
+            row["ratio compiled"] = row["ours compiled"] / row["diffusers compiled"]
+            for name in eager_names:
+                row[f"compile gain {name}"] = row[f"{name} compiled"] / row[name]
+            line += (f" | compiled: ours {row['ours compiled']:>7.1f}  diffusers {row['diffusers compiled']:>7.1f}"
+                     f"  ratio {row['ratio compiled']:.2f}x")
         results["rows"].append(row)
-        print(f"{label:<40} ours {row['ours']:>9.1f}  diffusers {row['diffusers']:>9.1f} {unit}   ratio {row['ratio']:.2f}x", flush=True)
+        print(line, flush=True)
 
     train_batches = [64] if args.quick else [64, 128]
     infer_batches = [1, 16] if args.quick else [1, 16, 256]
@@ -181,7 +218,7 @@ def main():
             results.setdefault("pipeline_16x25_seconds", {})[f"{name} {'bf16' if bf16 else 'fp32'}"] = seconds
             print(f"16 images x 25 steps, {name} {'bf16' if bf16 else 'fp32'}: {seconds:.2f} s", flush=True)
 
-    for name in models:
+    for name in eager_names:
         results.setdefault("peak_memory_mb", {})[f"{name} train fp32 batch 128"] = peak_memory_mb(name, device, 128, repeats)
     print("peak memory (MB):", results["peak_memory_mb"], flush=True)
     if args.out:
