@@ -161,6 +161,8 @@ def main():
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child[0], int(args.memory_child[1]))
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1 (got {args.repeats}): each row is the median of that many timed calls")
     device, repeats = args.device, args.repeats or (2 if args.quick else 5)
     torch.backends.cudnn.benchmark = True
     models = make_models(device, channels_last=False)
