@@ -68,23 +68,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats, first_call=None):
-    """Median seconds of ``fn`` over ``repeats`` calls after a warm-up call; ``first_call`` (a dict) gets the
-    warm-up's seconds, which include compilation."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    if first_call is not None:
-        first_call["seconds"] = time.perf_counter() - start
+def timed(fn, device, repeats):
+    """(median seconds of ``fn`` over ``repeats`` calls, seconds of the warm-up call before them, which include
+    any compilation)."""
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
         sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times[1:]), times[0]
 
 
 def training_step_fn(model, device, batch, bf16):
@@ -180,10 +174,10 @@ def main():
     def compare(label, make, unit, per_call):
         row = {"what": label, "unit": unit}
         for name, model in models.items():
-            first_call = {}
-            row[name] = per_call / timed(make(model), device, repeats, first_call)
+            seconds, first_call_seconds = timed(make(model), device, repeats)
+            row[name] = per_call / seconds
             if name.endswith("compiled"):
-                row[f"{name} first call seconds"] = first_call["seconds"]  # mostly compilation
+                row[f"{name} first call seconds"] = first_call_seconds  # mostly compilation
         row["ratio"] = row["ours"] / row["diffusers"]
         line = f"{label:<24} ours {row['ours']:>7.1f}  diffusers {row['diffusers']:>7.1f} {unit}  ratio {row['ratio']:.2f}x"
         if args.compile:
@@ -216,7 +210,7 @@ def main():
             def run():
                 with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                     pipe(batch_size=16, num_inference_steps=25, eta=0.0, output_type="np")
-            seconds = timed(run, device, repeats)
+            seconds, _ = timed(run, device, repeats)
             results.setdefault("pipeline_16x25_seconds", {})[f"{name} {'bf16' if bf16 else 'fp32'}"] = seconds
             print(f"16 images x 25 steps, {name} {'bf16' if bf16 else 'fp32'}: {seconds:.2f} s", flush=True)
 
