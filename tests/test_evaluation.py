@@ -237,8 +237,9 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     target = tmp_path / "bundled"
     target.mkdir()
     (target / "stale.txt").write_text("the old bundle is replaced, not merged")
+    (tmp_path / "notes.md").write_text("## History\n\nFine-tuned twice; the earlier bundle gave 99.5.\n")
     bundle_main([str(source), str(target), "--evaluation", str(tmp_path / "eval.json"), "--steps", "5",
-                 "--trained-on", "a test"])
+                 "--trained-on", "a test", "--card-notes", str(tmp_path / "notes.md")])
 
     assert not (target / "stale.txt").exists()
     weights = load_file(str(target / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -249,7 +250,12 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     assert Image.open(target / "samples.png").size[0] >= 8 * 8 and Image.open(target / "denoising.gif").n_frames > 2
     card = (target / "README.md").read_text()
     assert "12.25" in card and "1.50" in card and "zalando-datasets/fashion_mnist" in card and "denoising.gif" in card
+    assert card.index("## Metrics") < card.index("## History") and "the earlier bundle gave 99.5." in card
     assert json.loads((target / "training_config.json").read_text())["trained_on"] == "a test"
+
+    with pytest.raises(SystemExit):  # a mistyped notes path stops before the old bundle is touched
+        bundle_main([str(source), str(target), "--card-notes", str(tmp_path / "missing.md")])
+    assert "the earlier bundle gave 99.5." in (target / "README.md").read_text()
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

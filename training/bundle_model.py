@@ -54,8 +54,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trained-on", default=None, help="hardware and history, recorded in training_config.json")
+    parser.add_argument("--card-notes", default=None,
+                        help="a Markdown file appended to the model card (kept outside the target, which is replaced)")
     parser.add_argument("--repo-id", default=None, help="the name the card uses (default: the target folder's name)")
     args = parser.parse_args(argv)
+    notes = None
+    if args.card_notes:
+        if not os.path.isfile(args.card_notes):
+            parser.error(f"--card-notes {args.card_notes}: no such file; pass a Markdown file or leave the option out")
+        with open(args.card_notes) as f:
+            notes = f.read()
 
     pipe = DDPMCustomPipeline.from_pretrained(args.source)  # the EMA weights, in float32
     pipe.set_progress_bar_config(disable=True)
@@ -80,7 +88,7 @@ def main(argv=None):
             json.dump(evaluations, f, indent=2)
     dataset = config.get("dataset_name") or data.FASHION_MNIST_HUB
     export.write_model_card(staging, args.repo_id or os.path.basename(os.path.normpath(args.target)), config, dataset,
-                            metrics=metrics or None, eta=args.eta)
+                            metrics=metrics or None, eta=args.eta, notes=notes)
     shutil.rmtree(args.target, ignore_errors=True)
     os.replace(staging, args.target)
     print(f"bundled {args.source} into {args.target}")

@@ -42,17 +42,19 @@ loads it without remote code.
 ```json
 {{ config_json }}
 ```
-{{ metrics_section }}
+{{ metrics_section }}{{ notes_section }}
 """
 
 
 def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
-                     license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 1.0) -> str:
+                     license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 1.0,
+                     notes: Optional[str] = None) -> str:
     """README.md with the Hub metadata (library, pipeline tag, license, dataset, tags), the training
     configuration, the sample grid (and denoising GIF when the folder has one) and any metrics.
 
     ``dataset``: a Hub dataset id goes into the metadata; a local path is only named in the text.
-    ``eta``: the sampler the usage example recommends."""
+    ``eta``: the sampler the usage example recommends.
+    ``notes``: Markdown appended after the metrics (measurements the evaluation files do not carry, history)."""
     hub_dataset = dataset if dataset and not os.path.exists(dataset) else None
     num_classes = config.get("num_classes")
     data = ModelCardData(
@@ -83,6 +85,7 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
                          "classifier-free guidance.") if num_classes else "",
         config_json=json.dumps(config, indent=2, sort_keys=True, default=str),
         metrics_section=metrics_section,
+        notes_section=f"\n{notes.strip()}\n" if notes and notes.strip() else "",
     )
     path = os.path.join(folder, "README.md")
     card.save(path)
