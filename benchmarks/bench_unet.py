@@ -111,8 +111,8 @@ def inference_fn(model, device, batch, bf16, steps=5):
 
 def peak_memory_mb(name, device, batch, repeats=5):
     """Peak memory of an fp32 training step at ``batch`` above the model's weights: the CUDA allocator's
-    peak, or on CPU the median over ``repeats`` fresh processes of the growth of peak RSS over the first step (RSS peaks
-    cannot be reset in-process, so measuring both models in one process would charge the second with the first's peak)."""
+    peak, or on CPU the median over ``repeats`` fresh processes of the growth of peak RSS over the first step (one
+    process per measurement, so that neither model is charged with the other's allocations or allocator state)."""
     if device == "cuda":
         step = training_step_fn(make_models(device, channels_last=False)[name], device, batch, False)
         step()  # optimizer state allocated: we measure a steady-state step
@@ -130,15 +130,29 @@ def peak_memory_mb(name, device, batch, repeats=5):
     return statistics.median(samples)
 
 
-def memory_child(name, batch):
-    """Runs in its own process: peak RSS growth (MB) over the first training step (activations, gradients,
-    Adam's state); a later step cannot be measured because RSS peaks never come down."""
-    import resource
+def memory_status_mb(field):
+    """A VmRSS/VmHWM line of /proc/self/status in MB. Unlike getrusage's ru_maxrss, which a child started
+    by fork/vfork + exec inherits from its parent (Linux keeps the larger of the two), VmHWM belongs to
+    this process's own address space, so a parent holding gigabytes cannot mask the child's growth."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}: peak memory on CPU needs Linux")
 
+
+def memory_child(name, batch):
+    """Runs in its own process: peak RSS over the first training step above the RSS before it (activations,
+    gradients, Adam's state); a later step cannot be measured because RSS peaks never come down."""
     step = training_step_fn(make_models("cpu", channels_last=False)[name], "cpu", batch, False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = memory_status_mb("VmRSS")
+    try:  # reset VmHWM to the current RSS (Linux >= 4.0), so earlier transient peaks (imports) do not count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then VmHWM also holds the setup's peak, and the growth can only be under-counted
     step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print(memory_status_mb("VmHWM") - before)
 
 
 def main():
