@@ -420,3 +420,20 @@ def test_average_weights_benchmark_saves_the_mean_and_refuses_other_architecture
     with pytest.raises(SystemExit):
         average_main([str(tmp_path / "bad"), str(tmp_path / "source0"), str(tmp_path / "wider")])
     assert "base_channels" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from Linux's /proc")
+def test_benchmark_peak_memory_is_not_masked_by_the_parents_memory():
+    """benchmarks/bench_unet.py measures each model's training-step memory in a child process. A child's
+    getrusage peak starts at its parent's RSS (Linux keeps it across exec), so a parent holding more than the
+    child ever uses made the growth read as ~0; the measurement must come out the same with a large parent."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_unet import peak_memory_mb
+
+    alone = peak_memory_mb("ours", "cpu", batch=32, repeats=1)
+    ballast = bytearray(3 * 2**30)  # the parent now holds 3 GB more than any child needs
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page so it is resident
+    beside_ballast = peak_memory_mb("ours", "cpu", batch=32, repeats=1)
+    del ballast
+    assert alone > 20, f"a batch-32 training step should need tens of MB, measured {alone:.1f}"
+    assert 0.5 < beside_ballast / alone < 2, (alone, beside_ballast)
