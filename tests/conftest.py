@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 # Offline by construction: no telemetry, no analytics, no Hub calls (set before anything imports huggingface_hub)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -10,6 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
+
+# benchmarks/ holds scripts, not a package: put it on the path once so tests import their functions directly
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 TINY_UNET = dict(sample_size=8, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
                  attention_head_dim=8, norm_num_groups=8)

@@ -266,7 +266,6 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 
     from pipeline_ddpm_custom import DDPMCustomScheduler
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from x0_error_by_timestep import x0_errors
 
     scheduler = DDPMCustomScheduler(prediction_type=prediction_type)
@@ -287,7 +286,6 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
     raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from background_haze import dehaze, main as haze_main, pixel_shares
 
     from training import data
@@ -321,7 +319,6 @@ def test_epsilon_scaling_matches_diffusers_ddim_fed_the_scaled_noise(prediction_
 
     from pipeline_ddpm_custom import DDPMCustomScheduler
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from epsilon_scaling import scale_epsilon
 
     ours = DDPMCustomScheduler(prediction_type=prediction_type)
@@ -345,7 +342,6 @@ def test_epsilon_scaling_matches_diffusers_ddim_fed_the_scaled_noise(prediction_
 def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
     """The context manager changes the pipeline's samples only while it is open (scale 1 changes nothing),
     and the script writes one scored run per scale."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from epsilon_scaling import epsilon_scaled, main as scaling_main
 
     pipe = tiny_pipeline(num_train_timesteps=20)
@@ -371,7 +367,6 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
 def test_timestep_placement_benchmark_runs_the_chains_it_names(tmp_path):
     """benchmarks/timestep_placement.py: each placement is a descending chain from the top (0.8 T for the DDIM
     paper's quadratic) to 0, denser near 0 for a power above 1; the script samples each with exactly that chain."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from timestep_placement import main as placement_main, placed_timesteps
 
     assert placed_timesteps("uniform", 50, 1000) is None
@@ -398,7 +393,6 @@ def test_average_weights_benchmark_saves_the_mean_and_refuses_other_architecture
     """benchmarks/average_weights.py: the saved UNet is the parameter-wise mean of its sources (one of them stored
     in fp16, as the bundle is), it loads through DiffusionPipeline like any pipeline, and a source of another
     architecture is refused with the config keys that differ."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from average_weights import main as average_main
 
     from diffusers import DiffusionPipeline
@@ -427,7 +421,6 @@ def test_benchmark_peak_memory_is_not_masked_by_the_parents_memory():
     """benchmarks/bench_unet.py measures each model's training-step memory in a child process. A child's
     getrusage peak starts at its parent's RSS (Linux keeps it across exec), so a parent holding more than the
     child ever uses made the growth read as ~0; the measurement must come out the same with a large parent."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_unet import peak_memory_mb
 
     alone = peak_memory_mb("ours", "cpu", batch=32, repeats=1)

@@ -129,8 +129,6 @@ def test_training_by_device_checks_gradients_and_learns(tmp_path, monkeypatch, c
     one-step gradient check is within rounding of the float64 reference, its optimizer check finds no difference,
     its copy of the training step lowers the loss of a tiny model, and a CUDA device on a machine without one is
     refused with a clear error."""
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import training_by_device
 
     folder = square_images(tmp_path / "images")
@@ -161,8 +159,6 @@ def test_training_by_device_variants_change_only_what_they_name(tmp_path):
     """The variants meant for CUDA, run on the CPU: float64 gives the float64 reference's gradients exactly, runs
     every layer in float64 and gives losses within rounding of fp32's; SDPA's math kernel agrees with the default kernel to rounding; AdamW
     without foreach is the CPU's default path, so it repeats the default run exactly."""
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import training_by_device
     from training import data
 
@@ -194,8 +190,6 @@ def test_training_by_device_variants_change_only_what_they_name(tmp_path):
 
 
 def test_first_divergence_finds_where_two_loss_curves_part():
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from training_by_device import first_divergence
 
     assert first_divergence([0.5, 0.4, 0.3], [0.5, 0.4, 0.3]) is None
