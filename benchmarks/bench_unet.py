@@ -6,7 +6,9 @@ placement, side by side in one run, reported as ratios.
 Measures training images/s (fp32 and bf16 autocast, batch 64 and 128), sampling image-steps/s
 (batch 1, 16, 256), wall time for 16 images in 25 DDIM steps through the full pipeline, and peak
 memory. The machines are shared and noisy: each measurement alternates the two models and takes
-the median of several repeats. With --compile, each row also times both models under torch.compile
+the median of several repeats. Each row also says how close each model runs to the machine's arithmetic
+ceiling (GFLOP/s against large dense operations in the same precision, measured in the same run; roofline.py).
+With --compile, each row also times both models under torch.compile
 (inductor) in the same run, so the table says what compilation buys each of them and the ratio between
 the compiled pair.
 """
@@ -29,6 +31,8 @@ from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCu
 from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
 from training.atomic_files import write_json_atomically  # noqa: E402
 from training.precision import cpu_has_fast_bf16  # noqa: E402
+
+from roofline import dense_peak_gflops, flops_per_call  # noqa: E402
 
 # the bundled model's architecture (models/ddpm-fashion-mnist/unet/config.json)
 OURS = dict(sample_size=28, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -181,19 +185,34 @@ def main():
                # the bf16 rows depend on it: without fast bf16 (AVX2-only CPUs) autocast is ~12x slower than fp32
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
                "params": {k: params(m) for k, m in models.items()}, "rows": []}
+    if args.only == "all":
+        # the arithmetic of one image (training step) and one image-step (sampling), counted on the eager models
+        # (a compiled twin does the same arithmetic), and the machine's ceiling for it in each precision
+        results["gflop_per_image"] = {
+            name: {"train": flops_per_call(training_step_fn(model, device, 4, False)) / 4e9,
+                   "sample": flops_per_call(inference_fn(model, device, 4, False, steps=1)[0]) / 4e9}
+            for name, model in models.items()}
+        results["peak_gflops"] = {"fp32": dense_peak_gflops(device, torch.float32),
+                                  "bf16": dense_peak_gflops(device, torch.bfloat16)}
+        print(f"GFLOP per image: {results['gflop_per_image']}; dense peak GFLOP/s: {results['peak_gflops']}")
     if args.compile:
         models = add_compiled(models)
     print(f"parameters: ours {results['params']['ours']:,}  diffusers {results['params']['diffusers']:,}")
 
     def compare(label, make, unit, per_call):
         row = {"what": label, "unit": unit}
+        mode, precision = label.split()[:2]
+        peak = results["peak_gflops"][precision]["ceiling"]
         for name, model in models.items():
             seconds, first_call_seconds = timed(make(model), device, repeats)
             row[name] = per_call / seconds
+            row[f"{name} GFLOP/s"] = row[name] * results["gflop_per_image"][name.removesuffix(" compiled")][mode]
+            row[f"{name} fraction of peak"] = row[f"{name} GFLOP/s"] / peak
             if name.endswith("compiled"):
                 row[f"{name} first call seconds"] = first_call_seconds  # mostly compilation
         row["ratio"] = row["ours"] / row["diffusers"]
-        line = f"{label:<24} ours {row['ours']:>7.1f}  diffusers {row['diffusers']:>7.1f} {unit}  ratio {row['ratio']:.2f}x"
+        line = (f"{label:<24} ours {row['ours']:>7.1f}  diffusers {row['diffusers']:>7.1f} {unit}  ratio {row['ratio']:.2f}x"
+                f"  ({row['ours fraction of peak']:.0%} and {row['diffusers fraction of peak']:.0%} of peak)")
         if args.compile:
             row["ratio compiled"] = row["ours compiled"] / row["diffusers compiled"]
             for name in eager_names:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
@@ -430,3 +431,24 @@ def test_benchmark_peak_memory_is_not_masked_by_the_parents_memory():
     del ballast
     assert alone > 20, f"a batch-32 training step should need tens of MB, measured {alone:.1f}"
     assert 0.5 < beside_ballast / alone < 2, (alone, beside_ballast)
+
+
+def test_roofline_counts_the_arithmetic_and_the_benchmarked_models_do_equal_work():
+    """benchmarks/roofline.py: FLOPs of a convolution match the textbook count, attention is counted whichever
+    kernel runs, and the benchmark's two UNets do the same arithmetic (the table compares equal work)."""
+    from bench_unet import inference_fn, make_models, training_step_fn
+    from roofline import dense_peak_gflops, flops_per_call
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 10, 10)
+    assert flops_per_call(lambda: conv(x)) == 2 * (2 * 10 * 10) * 16 * (8 * 3 * 3)
+    q = torch.randn(2, 4, 49, 32)
+    assert flops_per_call(lambda: F.scaled_dot_product_attention(q, q, q)) == 2 * (2 * 2 * 4 * 49 * 49 * 32)
+
+    models = make_models("cpu", channels_last=False)
+    train = {name: flops_per_call(training_step_fn(m, "cpu", 2, False)) for name, m in models.items()}
+    sample = {name: flops_per_call(inference_fn(m, "cpu", 2, False, steps=1)[0]) for name, m in models.items()}
+    assert train["ours"] == train["diffusers"] and sample["ours"] == sample["diffusers"], (train, sample)
+    assert 2.9 < train["ours"] / sample["ours"] < 3.1  # backward costs twice the forward
+    peak = dense_peak_gflops("cpu", torch.float32, repeats=1)
+    assert peak["ceiling"] == max(peak["matmul"], peak["conv3x3"]) > 0
