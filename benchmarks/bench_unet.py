@@ -7,7 +7,9 @@ Measures training images/s (fp32 and bf16 autocast, batch 64 and 128), sampling 
 (batch 1, 16, 256), wall time for 16 images in 25 DDIM steps through the full pipeline, and peak
 memory. The machines are shared and noisy: each measurement alternates the two models and takes
 the median of several repeats. Each row also says how close each model runs to the machine's arithmetic
-ceiling (GFLOP/s against large dense operations in the same precision, measured in the same run; roofline.py).
+ceiling (GFLOP/s against large dense operations in the same precision, measured in the same run) and, on CPU,
+what share of its time goes to the dense kernels (convolutions, matrix products, attention), which bounds what
+any change to the rest could buy (roofline.py).
 With --compile, each row also times both models under torch.compile
 (inductor) in the same run, so the table says what compilation buys each of them and the ratio between
 the compiled pair.
@@ -32,7 +34,7 @@ from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
 from training.atomic_files import write_json_atomically  # noqa: E402
 from training.precision import cpu_has_fast_bf16  # noqa: E402
 
-from roofline import dense_peak_gflops, flops_per_call  # noqa: E402
+from roofline import dense_kernel_share, dense_peak_gflops, flops_per_call  # noqa: E402
 
 # the bundled model's architecture (models/ddpm-fashion-mnist/unet/config.json)
 OURS = dict(sample_size=28, in_channels=1, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
@@ -213,6 +215,13 @@ def main():
         row["ratio"] = row["ours"] / row["diffusers"]
         line = (f"{label:<24} ours {row['ours']:>7.1f}  diffusers {row['diffusers']:>7.1f} {unit}  ratio {row['ratio']:.2f}x"
                 f"  ({row['ours fraction of peak']:.0%} and {row['diffusers fraction of peak']:.0%} of peak)")
+        if device == "cpu":
+            for name in eager_names:
+                row[f"{name} dense share"] = dense_kernel_share(make(models[name]))
+            # the most any model calling diffusers' kernels with its shapes could gain: none of the rest left
+            row["ratio bound at the same kernels"] = 1 / row["diffusers dense share"]
+            line += (f"  dense kernels {row['ours dense share']:.0%} and {row['diffusers dense share']:.0%}"
+                     f" of the time: bound {row['ratio bound at the same kernels']:.2f}x")
         if args.compile:
             row["ratio compiled"] = row["ours compiled"] / row["diffusers compiled"]
             for name in eager_names:

@@ -49,3 +49,23 @@ def dense_peak_gflops(device: str, dtype: torch.dtype, repeats: int = 10) -> dic
     peaks = {"matmul": 2 * 2048**3 / median_seconds(lambda: a @ a, device, repeats) / 1e9,
              "conv3x3": flops_per_call(lambda: conv(x)) / median_seconds(lambda: conv(x), device, repeats) / 1e9}
     return {**peaks, "ceiling": max(peaks.values())}
+
+
+# torch's CPU operators that do a UNet's dense arithmetic (oneDNN convolutions forward and backward, matrix
+# products, fused attention); everything else (norms, activations, copies, the optimizer) is overhead around them
+DENSE_OPERATORS = ("convolution", "mm", "scaled_dot_product")
+
+
+def dense_kernel_share(fn, calls: int = 2) -> float:
+    """The share of ``fn()``'s CPU time spent inside dense-arithmetic operators (self time, profiled over
+    ``calls`` calls). Its inverse bounds what any rewrite of the rest can buy: a model that calls the same
+    kernels with the same shapes cannot run more than 1/share times faster than this one."""
+    events = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(calls):
+            fn()
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    dense = sum(event.self_cpu_time_total for event in events
+                if event.key.startswith("aten::") and any(name in event.key for name in DENSE_OPERATORS))
+    return dense / total

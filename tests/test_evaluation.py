@@ -437,7 +437,7 @@ def test_roofline_counts_the_arithmetic_and_the_benchmarked_models_do_equal_work
     """benchmarks/roofline.py: FLOPs of a convolution match the textbook count, attention is counted whichever
     kernel runs, and the benchmark's two UNets do the same arithmetic (the table compares equal work)."""
     from bench_unet import inference_fn, make_models, training_step_fn
-    from roofline import dense_peak_gflops, flops_per_call
+    from roofline import dense_kernel_share, dense_peak_gflops, flops_per_call
 
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
     x = torch.randn(2, 8, 10, 10)
@@ -452,3 +452,8 @@ def test_roofline_counts_the_arithmetic_and_the_benchmarked_models_do_equal_work
     assert 2.9 < train["ours"] / sample["ours"] < 3.1  # backward costs twice the forward
     peak = dense_peak_gflops("cpu", torch.float32, repeats=1)
     assert peak["ceiling"] == max(peak["matmul"], peak["conv3x3"]) > 0
+
+    a, x = torch.randn(512, 512), torch.randn(2_000_000)
+    assert dense_kernel_share(lambda: a @ a) > 0.9
+    assert dense_kernel_share(lambda: torch.sin(x).exp()) == 0
+    assert 0.2 < dense_kernel_share(lambda: (conv(torch.sin(torch.randn(64, 8, 10, 10))))) < 1
