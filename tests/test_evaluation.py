@@ -189,6 +189,14 @@ def test_bundled_model_carries_the_current_library_code():
         )
 
 
+def test_bundled_model_card_carries_its_hand_written_notes():
+    """The card's hand-written part lives in models/ddpm-fashion-mnist.card-notes.md (bundle_model.py's
+    --card-notes); an edit made to only one of the two copies is caught here."""
+    notes = (ROOT / "models" / "ddpm-fashion-mnist.card-notes.md").read_text().strip()
+    card = (ROOT / "models" / "ddpm-fashion-mnist" / "README.md").read_text()
+    assert card.rstrip().endswith(notes), "the bundled card and card-notes.md differ: copy the edit into both"
+
+
 def test_in_training_fid_matches_the_evaluate_script_and_caches_its_reference(tmp_path):
     """--eval_steps logs the same FID that training.evaluate computes for the exported model, and the
     reference statistics are computed once: a resumed run reuses the cached file."""
