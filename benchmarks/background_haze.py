@@ -11,7 +11,10 @@ Three measurements, each with the offline extractor against Fashion-MNIST's test
    them (same seeds, class labels cycling 0..9);
 3. a diagnostic, not a score: FID of the same samples and real images after every pixel fainter than
    --haze-threshold gray levels is set to black. How far the samples' FID falls says how much of it
-   the faint pixels carry; the real images' change says what the operation itself costs.
+   the faint pixels carry; the real images' change says what the operation itself costs;
+4. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
+   training.evaluate scores the pipeline's float output, and this says whether that number stands for
+   the PNGs too (real images are 8-bit already).
 """
 
 import argparse
@@ -37,6 +40,11 @@ def pixel_shares(images: torch.Tensor) -> dict:
 def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:
     """Every pixel fainter than `threshold` gray levels set to black (a diagnostic, never applied to outputs)."""
     return images.masked_fill(images * 255 < threshold, 0.0)
+
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """images (N, C, H, W) in [0, 1] rounded to the 8-bit levels that diffusers' PIL output holds."""
+    return (images * 255).round() / 255
 
 
 def parse_args(argv=None):
@@ -70,12 +78,13 @@ def main(argv=None) -> dict:
         "noise_calibration": calibration,
         "pixels": {"real": pixel_shares(real), "samples": pixel_shares(samples)},
         "samples": study.score(samples),
+        "samples_8bit": study.score(as_saved(samples)),
         "dehazed_diagnostic": {"samples": study.score(dehaze(samples, args.haze_threshold)),
                                "real": study.score(dehaze(real, args.haze_threshold))},
     }
     for name, shares in results["pixels"].items():
         print(f"{name:>8} pixels: " + ", ".join(f"{band} {share:.3f}" for band, share in shares.items()))
-    print(f"samples: FID {results['samples']['fid']:.2f}; a diagnostic, with every pixel under {args.haze_threshold:g} gray "
+    print(f"samples: FID {results['samples']['fid']:.2f} ({results['samples_8bit']['fid']:.2f} as 8-bit images); a diagnostic, with every pixel under {args.haze_threshold:g} gray "
           f"levels set to black: samples {results['dehazed_diagnostic']['samples']['fid']:.2f}, "
           f"real {results['dehazed_diagnostic']['real']['fid']:.2f}", flush=True)
     if args.out:

@@ -295,7 +295,8 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
     raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
-    from background_haze import dehaze, main as haze_main, pixel_shares
+    from background_haze import as_saved, dehaze, main as haze_main, pixel_shares
+    from diffusers.image_processor import VaeImageProcessor
 
     from training import data
 
@@ -318,6 +319,12 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     images = real_images("train", 300, 1, torch.device("cpu"))
     assert torch.equal(dehaze(images, 16)[images * 255 >= 16], images[images * 255 >= 16])
     assert pixel_shares(dehaze(images, 16))["4-15"] == 0
+    # the 8-bit row scores what diffusers' PIL output holds, pixel for pixel, and leaves 8-bit images as they are
+    floats = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    pil = VaeImageProcessor.numpy_to_pil(floats.permute(0, 2, 3, 1).numpy())
+    assert torch.equal(as_saved(floats) * 255, torch.from_numpy(np.stack([np.asarray(p) for p in pil])).float().unsqueeze(1))
+    assert not torch.equal(as_saved(floats), floats) and torch.equal(as_saved(images), images)
+    assert "fid" in results["samples_8bit"]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
