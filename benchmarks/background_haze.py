@@ -84,9 +84,10 @@ def main(argv=None) -> dict:
     }
     for name, shares in results["pixels"].items():
         print(f"{name:>8} pixels: " + ", ".join(f"{band} {share:.3f}" for band, share in shares.items()))
-    print(f"samples: FID {results['samples']['fid']:.2f} ({results['samples_8bit']['fid']:.2f} as 8-bit images); a diagnostic, with every pixel under {args.haze_threshold:g} gray "
-          f"levels set to black: samples {results['dehazed_diagnostic']['samples']['fid']:.2f}, "
-          f"real {results['dehazed_diagnostic']['real']['fid']:.2f}", flush=True)
+    dehazed = results["dehazed_diagnostic"]
+    print(f"samples: FID {results['samples']['fid']:.2f} ({results['samples_8bit']['fid']:.2f} as 8-bit images); "
+          f"a diagnostic, with every pixel under {args.haze_threshold:g} gray levels set to black: "
+          f"samples {dehazed['samples']['fid']:.2f}, real {dehazed['real']['fid']:.2f}", flush=True)
     if args.out:
         write_json_atomically(args.out, results)
     return results
