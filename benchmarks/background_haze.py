@@ -12,7 +12,10 @@ Three measurements, each with the offline extractor against Fashion-MNIST's test
 3. a diagnostic, not a score: FID of the same samples and real images after every pixel fainter than
    --haze-threshold gray levels is set to black. How far the samples' FID falls says how much of it
    the faint pixels carry; the real images' change says what the operation itself costs;
-4. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
+4. the same shares over the far background only: pixels more than --far-distance pixels (in every direction)
+   from any pixel brighter than --garment-level gray levels. Real images are black there; a haze that
+   shows there too is a background floor, not a halo of blurred garment edges;
+5. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
    training.evaluate scores the pipeline's float output, and this says whether that number stands for
    the PNGs too (real images are 8-bit already).
 """
@@ -30,11 +33,26 @@ from training.atomic_files import write_json_atomically  # noqa: E402
 from training.evaluate import real_images  # noqa: E402
 
 
-def pixel_shares(images: torch.Tensor) -> dict:
-    """Shares of all pixels by brightness band, images (N, 1, H, W) in [0, 1]."""
+def pixel_shares(images: torch.Tensor, mask: torch.Tensor = None) -> dict:
+    """Shares of all pixels (or of those in `mask`) by brightness band, images (N, 1, H, W) in [0, 1]."""
     levels = images.float() * 255
+    levels = levels if mask is None else levels[mask]
     bands = {"black (<0.5)": (0, 0.5), "1-3": (0.5, 3.5), "4-15": (3.5, 15.5), "16-255": (15.5, 256)}
     return {name: float(((levels >= lo) & (levels < hi)).float().mean()) for name, (lo, hi) in bands.items()}
+
+
+def far_from_garment(images: torch.Tensor, distance: int, garment_level: float) -> torch.Tensor:
+    """Mask of the pixels more than `distance` pixels (Chebyshev) from every pixel brighter than
+    `garment_level` gray levels, images (N, 1, H, W) in [0, 1]."""
+    garment = (images.float() * 255 > garment_level).float()
+    near = torch.nn.functional.max_pool2d(garment, 2 * distance + 1, stride=1, padding=distance) > 0
+    return ~near
+
+
+def far_background_shares(images: torch.Tensor, distance: int, garment_level: float) -> dict:
+    """How much of the image is far background, and its pixel shares by brightness band (none where it has none)."""
+    far = far_from_garment(images, distance, garment_level)
+    return {"share_of_pixels": float(far.float().mean()), **(pixel_shares(images, far) if far.any() else {})}
 
 
 def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -53,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0, 1, 2, 4, 8],
                         help="standard deviations, in gray levels, of the noise added to real images")
     parser.add_argument("--haze-threshold", type=float, default=16.0, help="gray levels; see 3. above")
+    parser.add_argument("--far-distance", type=int, default=4, help="pixels; see 4. above")
+    parser.add_argument("--garment-level", type=float, default=30.0, help="gray levels; see 4. above")
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
     return args
@@ -74,9 +94,12 @@ def main(argv=None) -> dict:
 
     samples = study.draw()
     results = {
-        "setup": study.setup(haze_threshold=args.haze_threshold, device=str(device)),
+        "setup": study.setup(haze_threshold=args.haze_threshold, far_distance=args.far_distance,
+                             garment_level=args.garment_level, device=str(device)),
         "noise_calibration": calibration,
         "pixels": {"real": pixel_shares(real), "samples": pixel_shares(samples)},
+        "pixels_far_background": {"real": far_background_shares(real, args.far_distance, args.garment_level),
+                                  "samples": far_background_shares(samples, args.far_distance, args.garment_level)},
         "samples": study.score(samples),
         "samples_8bit": study.score(as_saved(samples)),
         "dehazed_diagnostic": {"samples": study.score(dehaze(samples, args.haze_threshold)),
@@ -84,6 +107,9 @@ def main(argv=None) -> dict:
     }
     for name, shares in results["pixels"].items():
         print(f"{name:>8} pixels: " + ", ".join(f"{band} {share:.3f}" for band, share in shares.items()))
+    for name, shares in results["pixels_far_background"].items():
+        print(f"{name:>8} far background (more than {args.far_distance} px from a pixel over {args.garment_level:g} gray "
+              "levels): " + ", ".join(f"{band} {share:.3f}" for band, share in shares.items()))
     dehazed = results["dehazed_diagnostic"]
     print(f"samples: FID {results['samples']['fid']:.2f} ({results['samples_8bit']['fid']:.2f} as 8-bit images); "
           f"a diagnostic, with every pixel under {args.haze_threshold:g} gray levels set to black: "

@@ -295,7 +295,8 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
     raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
-    from background_haze import as_saved, dehaze, main as haze_main, pixel_shares
+    from background_haze import as_saved, dehaze, far_from_garment, main as haze_main, pixel_shares
+    from scipy import ndimage
     from diffusers.image_processor import VaeImageProcessor
 
     from training import data
@@ -313,8 +314,19 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     assert real["black (<0.5)"] == pytest.approx((picked == 0).mean(), abs=1e-6)
     assert real["1-3"] == pytest.approx(((picked >= 1) & (picked <= 3)).mean(), abs=1e-6)
     assert sum(real.values()) == pytest.approx(1.0, abs=1e-6)
+    # the far background: pixels more than 4 px from every pixel over 30 gray levels, found here by scipy's max filter
+    far = ndimage.maximum_filter((picked > 30).astype(np.uint8), size=(1, 9, 9), mode="constant") == 0
+    real_far = results["pixels_far_background"]["real"]
+    assert real_far["share_of_pixels"] == pytest.approx(far.mean(), abs=1e-6)
+    assert real_far["black (<0.5)"] == pytest.approx((picked[far] == 0).mean(), abs=1e-6)
+    assert results["setup"]["far_distance"] == 4 and "share_of_pixels" in results["pixels_far_background"]["samples"]
     clean, noisy = results["noise_calibration"]
     assert noisy["fid"] > 2 * clean["fid"] and noisy["pixels"]["black (<0.5)"] < real["black (<0.5)"]
+    # one bright pixel: everything within 2 px of it (a 5x5 square) is near, the rest far
+    dot = torch.zeros(1, 1, 28, 28)
+    dot[0, 0, 10, 20] = 1.0
+    mask = far_from_garment(dot, 2, 30)
+    assert (~mask).sum() == 25 and not mask[0, 0, 8:13, 18:23].any() and mask[0, 0, 7, 20] and mask[0, 0, 10, 23]
     # the diagnostic only ever blackens faint pixels
     images = real_images("train", 300, 1, torch.device("cpu"))
     assert torch.equal(dehaze(images, 16)[images * 255 >= 16], images[images * 255 >= 16])
