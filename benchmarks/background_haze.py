@@ -15,7 +15,12 @@ Three measurements, each with the offline extractor against Fashion-MNIST's test
 4. the same shares over the far background only: pixels more than --far-distance pixels (in every direction)
    from any pixel brighter than --garment-level gray levels. Real images are black there; a haze that
    shows there too is a background floor, not a halo of blurred garment edges;
-5. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
+5. whose haze it is: samples and real images re-noised with fresh noise to each of --renoise-timesteps and
+   denoised by one x0 prediction of the model (its null class), then the far background's shares and mean
+   gray level as in 4. Noise that the sampling chain carried to the end is replaced by fresh noise here, so
+   a haze that survives is one the model predicts for those images, while the real images show what it
+   predicts for a black background;
+6. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
    training.evaluate scores the pipeline's float output, and this says whether that number stands for
    the PNGs too (real images are 8-bit already).
 """
@@ -55,6 +60,39 @@ def far_background_shares(images: torch.Tensor, distance: int, garment_level: fl
     return {"share_of_pixels": float(far.float().mean()), **(pixel_shares(images, far) if far.any() else {})}
 
 
+def check_renoise_timesteps(scheduler, timesteps) -> None:
+    last = len(scheduler.alphas_cumprod) - 1
+    for timestep in timesteps:
+        if not 0 <= timestep <= last:
+            raise ValueError(f"--renoise-timesteps: {timestep} is not a timestep of this model (0..{last}).")
+
+
+@torch.no_grad()
+def renoised_far_background(pipe, images: torch.Tensor, timestep: int, seed: int, distance: int,
+                            garment_level: float, batch_size: int = 250) -> dict:
+    """`images` (N, 1, H, W) in [0, 1] noised to `timestep` with fresh noise and denoised by one x0 prediction
+    (null class label for a class-conditional UNet), rounded as saved: the far background's shares and mean."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    check_renoise_timesteps(scheduler, [timestep])
+    null_class = unet.config.num_class_embeds
+    generator = torch.Generator(device=images.device).manual_seed(seed + timestep)
+    abar = float(scheduler.alphas_cumprod[timestep])
+    denoised = []
+    for batch in images.split(batch_size):
+        x0 = batch * 2 - 1
+        t = torch.full((len(batch),), timestep, device=images.device)
+        x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator, device=images.device), t)
+        labels = None if null_class is None else torch.full_like(t, null_class)
+        output = unet(x_t.to(unet.dtype), t, class_labels=labels).sample[:, : x0.shape[1]].float()
+        x0_hat, _ = scheduler._predict_x0_and_eps(output, x_t, abar)
+        denoised.append(as_saved((x0_hat.clamp(-1, 1) + 1) / 2))
+    denoised = torch.cat(denoised)
+    far = far_from_garment(images, distance, garment_level)  # where the input is far background
+    if not far.any():
+        return {"t": timestep}
+    return {"t": timestep, **pixel_shares(denoised, far), "mean_gray_level": float(denoised[far].mean() * 255)}
+
+
 def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:
     """Every pixel fainter than `threshold` gray levels set to black (a diagnostic, never applied to outputs)."""
     return images.masked_fill(images * 255 < threshold, 0.0)
@@ -73,6 +111,8 @@ def parse_args(argv=None):
     parser.add_argument("--haze-threshold", type=float, default=16.0, help="gray levels; see 3. above")
     parser.add_argument("--far-distance", type=int, default=4, help="pixels; see 4. above")
     parser.add_argument("--garment-level", type=float, default=30.0, help="gray levels; see 4. above")
+    parser.add_argument("--renoise-timesteps", type=int, nargs="*", default=[20, 100],
+                        help="training timesteps; see 5. above (none to skip)")
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
     return args
@@ -81,6 +121,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     study = Study.open(args)
+    check_renoise_timesteps(study.pipe.scheduler, args.renoise_timesteps)  # before the long sampling, not after
     device = study.device
 
     # the same train subset as training.evaluate's real-vs-real floor
@@ -101,6 +142,10 @@ def main(argv=None) -> dict:
         "pixels_far_background": {"real": far_background_shares(real, args.far_distance, args.garment_level),
                                   "samples": far_background_shares(samples, args.far_distance, args.garment_level)},
         "samples": study.score(samples),
+        "renoised_far_background": {
+            name: [renoised_far_background(study.pipe, images, t, args.seed, args.far_distance, args.garment_level)
+                   for t in args.renoise_timesteps]
+            for name, images in (("real", real), ("samples", samples))},
         "samples_8bit": study.score(as_saved(samples)),
         "dehazed_diagnostic": {"samples": study.score(dehaze(samples, args.haze_threshold)),
                                "real": study.score(dehaze(real, args.haze_threshold))},
@@ -110,6 +155,11 @@ def main(argv=None) -> dict:
     for name, shares in results["pixels_far_background"].items():
         print(f"{name:>8} far background (more than {args.far_distance} px from a pixel over {args.garment_level:g} gray "
               "levels): " + ", ".join(f"{band} {share:.3f}" for band, share in shares.items()))
+    for real_row, sample_row in zip(*results["renoised_far_background"].values()):
+        real_mean, sample_mean = real_row.get("mean_gray_level", 0), sample_row.get("mean_gray_level", 0)
+        print(f"re-noised to t={real_row['t']} and denoised once, far background: real {real_mean:.2f} gray levels "
+              f"({real_row.get('black (<0.5)', 0):.3f} black), samples {sample_mean:.2f} "
+              f"({sample_row.get('black (<0.5)', 0):.3f} black)")
     dehazed = results["dehazed_diagnostic"]
     print(f"samples: FID {results['samples']['fid']:.2f} ({results['samples_8bit']['fid']:.2f} as 8-bit images); "
           f"a diagnostic, with every pixel under {args.haze_threshold:g} gray levels set to black: "

@@ -28,6 +28,7 @@ TIMESTEPS = (0, 10, 50, 100, 250, 500, 750, 900, 950, 999)
 @torch.no_grad()
 def x0_errors(pipe, x0: torch.Tensor, labels, seed: int = 0) -> list:
     scheduler, rows = pipe.scheduler, []
+    background = x0 == -1
     generator = torch.Generator().manual_seed(seed)
     for t in TIMESTEPS:
         noise = torch.randn(x0.shape, generator=generator)
@@ -38,8 +39,12 @@ def x0_errors(pipe, x0: torch.Tensor, labels, seed: int = 0) -> list:
         a, s = abar.sqrt().float(), (1 - abar).sqrt().float()
         kind = scheduler.config.prediction_type
         x0_hat = {"epsilon": (x_t - s * output) / a, "sample": output, "v_prediction": a * x_t - s * output}[kind]
-        rows.append({"t": t, "x0_mse": float(((x0_hat - x0) ** 2).mean()),
-                     "x0_mse_clipped": float(((x0_hat.clamp(-1, 1) - x0) ** 2).mean())})
+        row = {"t": t, "x0_mse": float(((x0_hat - x0) ** 2).mean()),
+               "x0_mse_clipped": float(((x0_hat.clamp(-1, 1) - x0) ** 2).mean())}
+        if background.any():  # the exactly black pixels, where a sampled image's haze shows
+            error = x0_hat[background] - x0[background]
+            row.update(x0_mse_background=float((error**2).mean()), x0_mean_error_background=float(error.mean()))
+        rows.append(row)
     return rows
 
 
@@ -56,8 +61,12 @@ def main(argv=None):
     labels = torch.tensor(test[: args.num_images]["label"]) if pipe.unet.config.num_class_embeds else None
     rows = x0_errors(pipe, x0, labels)
     print(f"{args.model} ({pipe.scheduler.config.prediction_type}), {args.num_images} test images")
+    gray = 127.5  # x0 is in [-1, 1]: one gray level of 255 is 1 / 127.5
     for row in rows:
-        print(f"t={row['t']:>4}  x0 MSE {row['x0_mse']:10.4f}   clipped to [-1, 1] {row['x0_mse_clipped']:.4f}")
+        print(f"t={row['t']:>4}  x0 MSE {row['x0_mse']:10.4f}   clipped to [-1, 1] {row['x0_mse_clipped']:.4f}   "
+              f"RMS {row['x0_mse'] ** 0.5 * gray:6.2f} gray levels, on the black background "
+              f"{row.get('x0_mse_background', float('nan')) ** 0.5 * gray:6.2f} "
+              f"(mean {row.get('x0_mean_error_background', float('nan')) * gray:+.2f})")
     if args.out:
         write_json_atomically(args.out, {"model": args.model, "prediction_type": pipe.scheduler.config.prediction_type, "rows": rows})
     return rows

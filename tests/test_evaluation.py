@@ -279,6 +279,7 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 
     scheduler = DDPMCustomScheduler(prediction_type=prediction_type)
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    x0[:, :, :2] = -1  # a black background strip, scored on its own too
 
     def oracle(x_t, t, class_labels=None):
         abar = scheduler.alphas_cumprod[t].float()[:, None, None, None]
@@ -288,14 +289,16 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 
     rows = x0_errors(SimpleNamespace(unet=oracle, scheduler=scheduler), x0, None)
     assert [r["t"] for r in rows][-1] == 999 and max(r["x0_mse"] for r in rows) < 1e-6
+    assert max(r["x0_mse_background"] for r in rows) < 1e-6
     zeros = SimpleNamespace(unet=lambda x_t, t, class_labels=None: SimpleNamespace(sample=torch.zeros_like(x_t)), scheduler=scheduler)
-    assert max(r["x0_mse"] for r in x0_errors(zeros, x0, None)) > 0.1
+    wrong = x0_errors(zeros, x0, None)
+    assert max(r["x0_mse"] for r in wrong) > 0.1 and max(r["x0_mse_background"] for r in wrong) > 0.1
 
 
 def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
     raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
-    from background_haze import as_saved, dehaze, far_from_garment, main as haze_main, pixel_shares
+    from background_haze import as_saved, dehaze, far_from_garment, main as haze_main, pixel_shares, renoised_far_background
     from scipy import ndimage
     from diffusers.image_processor import VaeImageProcessor
 
@@ -303,7 +306,8 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
 
     tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
     results = haze_main(["--model", str(tmp_path / "model"), "--num-samples", "300", "--steps", "2",
-                         "--noise-levels", "0", "16", "--device", "cpu", "--out", str(tmp_path / "haze.json")])
+                         "--noise-levels", "0", "16", "--renoise-timesteps", "5", "15", "--device", "cpu",
+                         "--out", str(tmp_path / "haze.json")])
     assert json.loads((tmp_path / "haze.json").read_text())["setup"]["num_samples"] == 300
     # the same 300 train images, counted from the IDX file directly: all black pixels and the faint 1-3 band
     from training.evaluate import real_images
@@ -337,6 +341,40 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     assert torch.equal(as_saved(floats) * 255, torch.from_numpy(np.stack([np.asarray(p) for p in pil])).float().unsqueeze(1))
     assert not torch.equal(as_saved(floats), floats) and torch.equal(as_saved(images), images)
     assert "fid" in results["samples_8bit"]
+    assert [row["t"] for row in results["renoised_far_background"]["samples"]] == [5, 15]
+
+
+def test_renoised_background_reports_what_the_model_predicts_there():
+    """background_haze's re-noise diagnostic: for a v-predicting 'model' whose x0 prediction is the clean image
+    plus a 3-gray-level haze, the far background comes back 3 gray levels brighter than it went in, whatever the
+    noise, and none of it black; the model is asked with its null class; a timestep it lacks is refused."""
+    from types import SimpleNamespace
+
+    from background_haze import far_from_garment, renoised_far_background
+
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+    from training.evaluate import real_images
+
+    images = real_images("train", 64, 1, torch.device("cpu"))
+    scheduler = DDPMCustomScheduler(prediction_type="v_prediction")
+    hazy_x0 = images * 2 - 1 + 6 / 255  # +3 gray levels of 255
+
+    def unet(x_t, t, class_labels=None):
+        assert class_labels is not None and (class_labels == 10).all()
+        abar = scheduler.alphas_cumprod[t].float()[:, None, None, None]
+        eps = (x_t - abar.sqrt() * hazy_x0) / (1 - abar).sqrt()
+        return SimpleNamespace(sample=abar.sqrt() * eps - (1 - abar).sqrt() * hazy_x0)
+
+    unet.config, unet.dtype = SimpleNamespace(num_class_embeds=10), torch.float32
+    pipe = SimpleNamespace(unet=unet, scheduler=scheduler)
+    far = far_from_garment(images, 4, 30)
+    expected = float((images * 255)[far].mean()) + 3  # the far background is mostly, not only, black
+    for t in (0, 100, 500):
+        row = renoised_far_background(pipe, images, t, seed=0, distance=4, garment_level=30, batch_size=len(images))
+        assert row["t"] == t and row["mean_gray_level"] == pytest.approx(expected, abs=1e-3)
+        assert row["black (<0.5)"] == 0 and row["1-3"] > 0.99
+    with pytest.raises(ValueError, match="0..999"):
+        renoised_far_background(pipe, images, 1000, seed=0, distance=4, garment_level=30)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
