@@ -68,11 +68,11 @@ def check_renoise_timesteps(scheduler, timesteps) -> None:
 
 
 @torch.no_grad()
-def renoised_far_background(pipe, images: torch.Tensor, timestep: int, seed: int, distance: int,
+def renoised_far_background(unet, scheduler, images: torch.Tensor, timestep: int, seed: int, distance: int,
                             garment_level: float, batch_size: int = 250) -> dict:
     """`images` (N, 1, H, W) in [0, 1] noised to `timestep` with fresh noise and denoised by one x0 prediction
-    (null class label for a class-conditional UNet), rounded as saved: the far background's shares and mean."""
-    unet, scheduler = pipe.unet, pipe.scheduler
+    (null class label for a class-conditional UNet), rounded as saved: the far background's shares and mean.
+    `scheduler` is the model's own (its noise schedule and prediction type), whatever sampled the images."""
     check_renoise_timesteps(scheduler, [timestep])
     null_class = unet.config.num_class_embeds
     generator = torch.Generator(device=images.device).manual_seed(seed + timestep)
@@ -105,7 +105,7 @@ def as_saved(images: torch.Tensor) -> torch.Tensor:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_arguments(parser, num_samples=2000)
+    add_sampling_arguments(parser, num_samples=2000, solvers=True)
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0, 1, 2, 4, 8],
                         help="standard deviations, in gray levels, of the noise added to real images")
     parser.add_argument("--haze-threshold", type=float, default=16.0, help="gray levels; see 3. above")
@@ -121,7 +121,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     study = Study.open(args)
-    check_renoise_timesteps(study.pipe.scheduler, args.renoise_timesteps)  # before the long sampling, not after
+    check_renoise_timesteps(study.model_scheduler, args.renoise_timesteps)  # before the long sampling, not after
     device = study.device
 
     # the same train subset as training.evaluate's real-vs-real floor
@@ -143,8 +143,8 @@ def main(argv=None) -> dict:
                                   "samples": far_background_shares(samples, args.far_distance, args.garment_level)},
         "samples": study.score(samples),
         "renoised_far_background": {
-            name: [renoised_far_background(study.pipe, images, t, args.seed, args.far_distance, args.garment_level)
-                   for t in args.renoise_timesteps]
+            name: [renoised_far_background(study.pipe.unet, study.model_scheduler, images, t, args.seed,
+                                           args.far_distance, args.garment_level) for t in args.renoise_timesteps]
             for name, images in (("real", real), ("samples", samples))},
         "samples_8bit": study.score(as_saved(samples)),
         "dehazed_diagnostic": {"samples": study.score(dehaze(samples, args.haze_threshold)),

@@ -13,18 +13,25 @@ import torch
 
 # imported by the study scripts, which have already put the repository root on sys.path
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.solvers import check_eta_applies
 from training.evaluate import (
-    SAMPLING_SETTINGS, default_batch_size, load_extractor, reference_metrics, sample, score_images)
+    SAMPLING_SETTINGS, SCHEDULER_CHOICES, default_batch_size, load_extractor, reference_metrics, sample, sampler_label,
+    score_images, use_scheduler)
 
 REFERENCE = "fashion-mnist test (10000 images)"
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500) -> None:
-    """The options every study takes: the model, how many samples, the sampler, the seed, where to run and write."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500, solvers: bool = False) -> None:
+    """The options every study takes: the model, how many samples, the sampler, the seed, where to run and write.
+    `solvers`: also --scheduler, for a study that works with diffusers' solvers as well as the model's own scheduler
+    (a study that changes the model scheduler's steps or timesteps does not)."""
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--num-samples", type=int, default=num_samples)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--eta", type=float, default=0.0, help="0 = DDIM, 1 = DDPM ancestral")
+    parser.add_argument("--eta", type=float, default=None, help="0 = DDIM (the default), 1 = DDPM ancestral")
+    if solvers:
+        parser.add_argument("--scheduler", default="model", choices=SCHEDULER_CHOICES,
+                            help="'model': the model's own scheduler (with --eta); else one of diffusers' solvers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten atomically after every run)")
@@ -33,14 +40,23 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 5
 def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    args.scheduler = getattr(args, "scheduler", "model")
+    try:
+        check_eta_applies(args.scheduler, args.eta is not None)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.scheduler == "model" and args.eta is None:
+        args.eta = 0.0
 
 
 @dataclass
 class Study:
-    """The loaded model, the extractor and the FID/KID metrics already holding the reference statistics."""
+    """The loaded model, the extractor and the FID/KID metrics already holding the reference statistics;
+    `pipe` samples with the study's --scheduler, `model_scheduler` is the model's own either way."""
     args: argparse.Namespace
     device: torch.device
     pipe: DDPMCustomPipeline
+    model_scheduler: object
     extractor: torch.nn.Module
     fid: object
     kid: object
@@ -52,14 +68,17 @@ class Study:
         fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
         pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
         pipe.set_progress_bar_config(disable=True)
-        return cls(args, device, pipe, extractor, fid, kid)
+        model_scheduler = pipe.scheduler
+        use_scheduler(pipe, args.scheduler)
+        return cls(args, device, pipe, model_scheduler, extractor, fid, kid)
 
     def setup(self, **extra) -> dict:
         """The header of the results: what was sampled, how, and scored against what."""
         a = self.args
-        return {"model": a.model, "num_samples": a.num_samples, "steps": a.steps, "eta": a.eta, "seed": a.seed,
-                "extractor": "offline", "reference": REFERENCE, **extra,
-                "scheduler": {k: self.pipe.scheduler.config[k] for k in SAMPLING_SETTINGS}}
+        return {"model": a.model, "num_samples": a.num_samples, "sampler": sampler_label(a.scheduler, a.eta),
+                "steps": a.steps, "eta": a.eta, "seed": a.seed, "extractor": "offline", "reference": REFERENCE, **extra,
+                "scheduler": {"class": type(self.pipe.scheduler).__name__,
+                              **{k: self.pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}}
 
     def draw(self, **pipeline_kwargs) -> torch.Tensor:
         """args.num_samples images in [0, 1], (N, 1, H, W), with the study's steps, eta and seed, guidance 1."""

@@ -344,6 +344,22 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     assert [row["t"] for row in results["renoised_far_background"]["samples"]] == [5, 15]
 
 
+def test_background_haze_samples_with_a_solver_and_refuses_an_eta_for_it(tmp_path):
+    """--scheduler swaps in one of diffusers' solvers for the sampling (recorded in the setup) while the
+    re-noise rows keep the model's own scheduler; an --eta with a solver is an error, not silently dropped."""
+    from background_haze import main as haze_main
+
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "20", "--steps", "3", "--noise-levels", "0",
+              "--renoise-timesteps", "5", "--device", "cpu"]
+    results = haze_main(common + ["--scheduler", "sde-dpmsolver++"])
+    assert results["setup"]["sampler"] == "SDE-DPM-Solver++ 2M" and results["setup"]["eta"] is None
+    assert results["setup"]["scheduler"]["class"] == "DPMSolverMultistepScheduler"
+    assert [row["t"] for row in results["renoised_far_background"]["real"]] == [5]
+    with pytest.raises(SystemExit):
+        haze_main(common + ["--scheduler", "sde-dpmsolver++", "--eta", "0.5"])
+
+
 def test_renoised_background_reports_what_the_model_predicts_there():
     """background_haze's re-noise diagnostic: for a v-predicting 'model' whose x0 prediction is the clean image
     plus a 3-gray-level haze, the far background comes back 3 gray levels brighter than it went in, whatever the
@@ -366,15 +382,15 @@ def test_renoised_background_reports_what_the_model_predicts_there():
         return SimpleNamespace(sample=abar.sqrt() * eps - (1 - abar).sqrt() * hazy_x0)
 
     unet.config, unet.dtype = SimpleNamespace(num_class_embeds=10), torch.float32
-    pipe = SimpleNamespace(unet=unet, scheduler=scheduler)
     far = far_from_garment(images, 4, 30)
     expected = float((images * 255)[far].mean()) + 3  # the far background is mostly, not only, black
     for t in (0, 100, 500):
-        row = renoised_far_background(pipe, images, t, seed=0, distance=4, garment_level=30, batch_size=len(images))
+        row = renoised_far_background(unet, scheduler, images, t, seed=0, distance=4, garment_level=30,
+                                      batch_size=len(images))
         assert row["t"] == t and row["mean_gray_level"] == pytest.approx(expected, abs=1e-3)
         assert row["black (<0.5)"] == 0 and row["1-3"] > 0.99
     with pytest.raises(ValueError, match="0..999"):
-        renoised_far_background(pipe, images, 1000, seed=0, distance=4, garment_level=30)
+        renoised_far_background(unet, scheduler, images, 1000, seed=0, distance=4, garment_level=30)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
