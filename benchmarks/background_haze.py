@@ -3,12 +3,12 @@
     python benchmarks/background_haze.py --model models/ddpm-fashion-mnist --num-samples 2000 \
         --out benchmarks/results/haze-cpu-2k.json
 
-Three measurements, each with the offline extractor against Fashion-MNIST's test split (10,000 images):
+What it measures (FIDs with the offline extractor against Fashion-MNIST's test split, 10,000 images):
 1. the yardstick: FID of N real train images with Gaussian pixel noise of a few gray levels added,
    clamped to [0, 255] as generated images are;
 2. the pixels: the share of exactly black pixels (below half a gray level) and of faint ones
    (1-3 and 4-15 gray levels), for real images and for N samples drawn as training.evaluate draws
-   them (same seeds, class labels cycling 0..9);
+   them (same seeds, class labels cycling 0..9; --scheduler and --eta pick the sampler);
 3. a diagnostic, not a score: FID of the same samples and real images after every pixel fainter than
    --haze-threshold gray levels is set to black. How far the samples' FID falls says how much of it
    the faint pixels carry; the real images' change says what the operation itself costs;
