@@ -55,9 +55,13 @@ def far_from_garment(images: torch.Tensor, distance: int, garment_level: float) 
 
 
 def far_background_shares(images: torch.Tensor, distance: int, garment_level: float) -> dict:
-    """How much of the image is far background, and its pixel shares by brightness band (none where it has none)."""
+    """How much of the image is far background, its pixel shares by brightness band and its mean gray level
+    (the last two only where it has any)."""
     far = far_from_garment(images, distance, garment_level)
-    return {"share_of_pixels": float(far.float().mean()), **(pixel_shares(images, far) if far.any() else {})}
+    if not far.any():
+        return {"share_of_pixels": 0.0}
+    return {"share_of_pixels": float(far.float().mean()), **pixel_shares(images, far),
+            "mean_gray_level": float(images[far].float().mean() * 255)}
 
 
 def check_renoise_timesteps(scheduler, timesteps) -> None:

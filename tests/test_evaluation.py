@@ -323,6 +323,7 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     real_far = results["pixels_far_background"]["real"]
     assert real_far["share_of_pixels"] == pytest.approx(far.mean(), abs=1e-6)
     assert real_far["black (<0.5)"] == pytest.approx((picked[far] == 0).mean(), abs=1e-6)
+    assert real_far["mean_gray_level"] == pytest.approx(picked[far].mean(), abs=1e-4)
     assert results["setup"]["far_distance"] == 4 and "share_of_pixels" in results["pixels_far_background"]["samples"]
     clean, noisy = results["noise_calibration"]
     assert noisy["fid"] > 2 * clean["fid"] and noisy["pixels"]["black (<0.5)"] < real["black (<0.5)"]
