@@ -54,14 +54,18 @@ def far_from_garment(images: torch.Tensor, distance: int, garment_level: float) 
     return ~near
 
 
+def masked_summary(images: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Pixel shares by brightness band and mean gray level of `images` where `mask` holds (nothing for an empty mask)."""
+    if not mask.any():
+        return {}
+    return {**pixel_shares(images, mask), "mean_gray_level": float(images[mask].float().mean() * 255)}
+
+
 def far_background_shares(images: torch.Tensor, distance: int, garment_level: float) -> dict:
     """How much of the image is far background, its pixel shares by brightness band and its mean gray level
     (the last two only where it has any)."""
     far = far_from_garment(images, distance, garment_level)
-    if not far.any():
-        return {"share_of_pixels": 0.0}
-    return {"share_of_pixels": float(far.float().mean()), **pixel_shares(images, far),
-            "mean_gray_level": float(images[far].float().mean() * 255)}
+    return {"share_of_pixels": float(far.float().mean()), **masked_summary(images, far)}
 
 
 def check_renoise_timesteps(scheduler, timesteps) -> None:
@@ -90,11 +94,8 @@ def renoised_far_background(unet, scheduler, images: torch.Tensor, timestep: int
         output = unet(x_t.to(unet.dtype), t, class_labels=labels).sample[:, : x0.shape[1]].float()
         x0_hat, _ = scheduler._predict_x0_and_eps(output, x_t, abar)
         denoised.append(as_saved((x0_hat.clamp(-1, 1) + 1) / 2))
-    denoised = torch.cat(denoised)
     far = far_from_garment(images, distance, garment_level)  # where the input is far background
-    if not far.any():
-        return {"t": timestep}
-    return {"t": timestep, **pixel_shares(denoised, far), "mean_gray_level": float(denoised[far].mean() * 255)}
+    return {"t": timestep, **masked_summary(torch.cat(denoised), far)}
 
 
 def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:

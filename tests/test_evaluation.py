@@ -298,7 +298,7 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
 def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     """benchmarks/background_haze.py: its pixel bands agree with a count on the raw IDX bytes, pixel noise
     raises the offline FID (the yardstick it calibrates), and the diagnostic blackens faint pixels only."""
-    from background_haze import as_saved, dehaze, far_from_garment, main as haze_main, pixel_shares, renoised_far_background
+    from background_haze import as_saved, dehaze, far_from_garment, main as haze_main, pixel_shares
     from scipy import ndimage
     from diffusers.image_processor import VaeImageProcessor
 
