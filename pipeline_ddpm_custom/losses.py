@@ -19,6 +19,30 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps:
     raise ValueError(f"Unknown prediction_type {kind!r}: use epsilon, sample or v_prediction.")
 
 
+def background_haze(x0: torch.Tensor, max_gray_levels: float, probability: float = 0.5) -> torch.Tensor:
+    """A faint smooth haze (x0 units, >= 0) over the exactly black background of each image of ``x0``
+    (B, C, H, W in [-1, 1]): a bilinear-upsampled 4x4 random field scaled to [0, a] gray levels, a drawn
+    uniformly from [0, max_gray_levels] for a ``probability`` share of the images, 0 for the rest."""
+    batch = x0.shape[0]
+    field = F.interpolate(torch.randn(batch, 1, 4, 4, device=x0.device), size=x0.shape[-2:], mode="bilinear",
+                          align_corners=False)
+    low = field.amin(dim=(2, 3), keepdim=True)
+    high = field.amax(dim=(2, 3), keepdim=True)
+    field = (field - low) / (high - low).clamp(min=1e-6)
+    amplitude = torch.rand(batch, 1, 1, 1, device=x0.device) * max_gray_levels
+    amplitude = amplitude * (torch.rand(batch, 1, 1, 1, device=x0.device) < probability)
+    black = x0 <= -1 + 1 / 255  # below half a gray level
+    return field * amplitude * (2 / 255) * black
+
+
+def offset_as_noise(scheduler, offset: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The noise that puts ``offset`` (x0 units) into x_t: sqrt(abar) * offset = sqrt(1 - abar) * noise.
+    Added to both the input's and the target's noise, it trains the model to remove the offset as noise."""
+    abar = scheduler.alphas_cumprod[timesteps.cpu()]  # float64: 1 - abar at t = 0 needs the digits
+    scale = (abar / (1 - abar)).sqrt().float().to(offset.device).view(-1, *([1] * (offset.dim() - 1)))
+    return offset * scale
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the configured prediction type."""
     abar = scheduler.alphas_cumprod[timesteps.cpu()]  # float64: 1 - abar at t = 0 needs the digits

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pipeline_ddpm_custom import DDPMCustomScheduler
-from pipeline_ddpm_custom.losses import min_snr_weights, training_losses, training_target
+from pipeline_ddpm_custom.losses import (
+    background_haze, min_snr_weights, offset_as_noise, training_losses, training_target)
 
 from .conftest import tiny_unet
 
@@ -33,6 +34,39 @@ def test_input_noise_enters_x_t_and_not_the_target():
     target = scheduler.get_velocity(x0, noise, t)
     torch.testing.assert_close(loss, ((out - target) ** 2).mean(dim=(1, 2, 3)))
     assert not torch.allclose(loss, training_losses(unet, scheduler, x0, t, noise=noise))
+
+
+def test_background_haze_lies_only_on_black_pixels_and_within_its_bound():
+    torch.manual_seed(0)
+    x0 = torch.rand(400, 1, 8, 8) - 0.5  # garment: well above black
+    x0[:, :, :4] = -1  # the top half black
+    haze = background_haze(x0, 6.0)
+    assert torch.equal(haze[:, :, 4:], torch.zeros_like(haze[:, :, 4:]))
+    levels = haze * 127.5
+    assert levels.min() >= 0 and levels.max() <= 6.0 + 1e-4
+    hazy = levels.amax(dim=(1, 2, 3)) > 0
+    assert 0.4 < hazy.float().mean() < 0.6  # half the images by default
+    assert levels.amax(dim=(1, 2, 3))[hazy].max() > 5  # amplitudes reach towards the bound
+    assert not background_haze(x0, 6.0, probability=0.0).any()
+
+
+@pytest.mark.parametrize("t", [0, 1, 20, 300, 999])
+def test_offset_as_noise_trains_the_model_to_remove_the_offset(t):
+    """With the offset's noise added to the noise of both x_t and the target, x_t is the noised hazy image and
+    the target is the one whose x0 (by diffusers' own DDPMScheduler) is the clean image: the haze counts as noise."""
+    from diffusers import DDPMScheduler
+
+    ours = DDPMCustomScheduler(prediction_type="v_prediction")
+    reference = DDPMScheduler(prediction_type="v_prediction", clip_sample=False)
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    offset = torch.rand_like(x0) * 6 / 127.5
+    noise, timesteps = torch.randn_like(x0), torch.full((2,), t)
+    moved = noise + offset_as_noise(ours, offset, timesteps)
+    x_t = ours.add_noise(x0, moved, timesteps)
+    torch.testing.assert_close(x_t, reference.add_noise(x0 + offset, noise, timesteps), atol=1e-5, rtol=0)
+    target = training_target(ours, x0, moved, timesteps)
+    recovered = reference.step(target, t, x_t, generator=torch.Generator().manual_seed(0)).pred_original_sample
+    torch.testing.assert_close(recovered, x0, atol=1e-4, rtol=0)
 
 
 def test_min_snr_weights():

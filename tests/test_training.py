@@ -56,6 +56,7 @@ def unet_weights(folder, variant=None):
         (["--channel_mult", "1,a"], "comma-separated integers"),
         (["--train_batch_size", "0"], "train_batch_size"),
         (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
+        (["--haze_perturbation", "-1"], "--haze_perturbation must be >= 0"),
         (["--ema_min_decay", "0.9", "--ema_max_decay", "0.5"], "--ema_min_decay <= --ema_max_decay"),
     ],
 )
@@ -319,3 +320,26 @@ def test_input_perturbation_is_drawn_last_and_only_enters_the_input():
     assert drawn[0.0][4] is drawn[0.0][1]
     extra = (drawn[0.1][4] - drawn[0.1][1]) / 0.1
     assert abs(extra.std().item() - 1) < 0.02 and abs(extra.mean().item()) < 0.02
+
+
+def test_haze_perturbation_is_drawn_last_and_moves_both_noises_on_the_background_only():
+    """--haze_perturbation leaves the step's other draws as a plain run's, and adds the same haze noise to the
+    target's and the input's noise, where x0 is black and nowhere else."""
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+    from training.train_ddpm import draw_step_inputs, parse_args
+
+    x0, labels = torch.rand(64, 1, 8, 8) - 0.5, torch.arange(64) % 10  # garment: well above black
+    x0[:, :, :3] = -1
+    scheduler = DDPMCustomScheduler(prediction_type="v_prediction")
+    drawn = {}
+    for levels in (0.0, 6.0):
+        args = parse_args(["--output_dir", "x", "--haze_perturbation", str(levels), "--input_perturbation", "0.1"])
+        torch.manual_seed(7)
+        drawn[levels] = draw_step_inputs(x0, labels, args, 10, scheduler=scheduler)
+    plain, hazy = drawn[0.0], drawn[6.0]
+    assert torch.equal(plain[2], hazy[2]) and torch.equal(plain[3], hazy[3])
+    moved = hazy[1] - plain[1]
+    torch.testing.assert_close(hazy[4] - plain[4], moved)
+    assert moved[:, :, 3:].abs().max() == 0 and moved[:, :, :3].abs().max() > 0
+    with pytest.raises(ValueError, match="noise scheduler"):
+        draw_step_inputs(x0, labels, args, 10)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python training/train_ddpm.py` from a checkout
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
-from pipeline_ddpm_custom.losses import training_losses  # noqa: E402
+from pipeline_ddpm_custom.losses import background_haze, offset_as_noise, training_losses  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
 from training.evaluate import default_batch_size  # noqa: E402
@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--input_perturbation", type=float, default=0.0,
                    help="input perturbation (Ning et al. 2023; 0.1 is the paper's choice): x_t is formed with noise + "
                         "gamma * extra noise while the target keeps the plain noise, against exposure bias (0: off)")
+    g.add_argument("--haze_perturbation", type=float, default=0.0,
+                   help="max gray levels of a faint smooth haze put over the black background of half the training "
+                        "images as part of the noise, so that the model learns to remove it (0: off)")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -150,6 +153,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--cond_drop_prob must lie in [0, 1), got {args.cond_drop_prob}.")
     if args.input_perturbation < 0:
         raise ValueError(f"--input_perturbation must be >= 0 (0 turns it off; 0.1 is the paper's choice), got {args.input_perturbation}.")
+    if args.haze_perturbation < 0:
+        raise ValueError(f"--haze_perturbation must be >= 0 gray levels (0 turns it off), got {args.haze_perturbation}.")
     if not 0.0 <= args.ema_min_decay <= args.ema_max_decay < 1.0:
         raise ValueError(f"The EMA decays must satisfy 0 <= --ema_min_decay <= --ema_max_decay < 1, got "
                          f"{args.ema_min_decay} and {args.ema_max_decay}.")
@@ -239,11 +244,12 @@ def step_seed(seed: int, micro_step: int, rank: int) -> int:
     return (seed * 1_000_003 + micro_step * 8191 + rank) % (2**63 - 1)
 
 
-def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None):
+def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, scheduler=None):
     """The random part of one training step, in the order that a resumed run's per-step seed relies on:
     flips, noise, timesteps, label drops (to the null class, for classifier-free guidance), then the
-    input perturbation, last so that the earlier draws do not depend on it. Returns x0, the target's
-    noise, timesteps, labels and the noise x_t is formed with. `draw_on` draws the numbers on another
+    input perturbation and the background haze, last so that the earlier draws do not depend on them. Returns x0,
+    the target's noise, timesteps, labels and the noise x_t is formed with. The haze (`scheduler` needed) enters both
+    noises: x_t holds the hazy image while the target's x0 is the clean one. `draw_on` draws the numbers on another
     device and moves them to x0's (benchmarks/training_by_device.py)."""
     device = x0.device
     draw_on = draw_on or device
@@ -258,6 +264,11 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None):
     input_noise = noise
     if args.input_perturbation > 0:
         input_noise = noise + args.input_perturbation * torch.randn(x0.shape, device=draw_on).to(device)
+    if getattr(args, "haze_perturbation", 0) > 0:
+        if scheduler is None:
+            raise ValueError("--haze_perturbation needs the noise scheduler (its alphas turn the haze into noise).")
+        haze = offset_as_noise(scheduler, background_haze(x0, args.haze_perturbation), timesteps)
+        noise, input_noise = noise + haze, input_noise + haze
     return x0, noise, timesteps, labels, input_noise
 
 
@@ -487,7 +498,7 @@ def train(args) -> int:
             micro_step += 1
             with accelerator.accumulate(unet):
                 x0, noise, timesteps, labels, input_noise = draw_step_inputs(
-                    batch["pixel_values"].float(), batch.get("labels"), args, num_classes)
+                    batch["pixel_values"].float(), batch.get("labels"), args, num_classes, scheduler=noise_scheduler)
                 with accelerator.autocast():
                     loss = training_losses(unet, noise_scheduler, x0, timesteps, noise=noise, class_labels=labels,
                                            snr_gamma=args.snr_gamma, input_noise=input_noise).mean()
