@@ -19,6 +19,12 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps:
     raise ValueError(f"Unknown prediction_type {kind!r}: use epsilon, sample or v_prediction.")
 
 
+def signal_to_noise(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """abar / (1 - abar) at each timestep, on the CPU in float64: 1 - abar at t = 0 needs the digits."""
+    abar = scheduler.alphas_cumprod[timesteps.cpu()]
+    return abar / (1 - abar)
+
+
 def background_haze(x0: torch.Tensor, max_gray_levels: float, probability: float = 0.5) -> torch.Tensor:
     """A faint smooth haze (x0 units, >= 0) over the exactly black background of each image of ``x0``
     (B, C, H, W in [-1, 1]): a bilinear-upsampled 4x4 random field scaled to [0, a] gray levels, a drawn
@@ -38,15 +44,13 @@ def background_haze(x0: torch.Tensor, max_gray_levels: float, probability: float
 def offset_as_noise(scheduler, offset: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The noise that puts ``offset`` (x0 units) into x_t: sqrt(abar) * offset = sqrt(1 - abar) * noise.
     Added to both the input's and the target's noise, it trains the model to remove the offset as noise."""
-    abar = scheduler.alphas_cumprod[timesteps.cpu()]  # float64: 1 - abar at t = 0 needs the digits
-    scale = (abar / (1 - abar)).sqrt().float().to(offset.device).view(-1, *([1] * (offset.dim() - 1)))
-    return offset * scale
+    scale = signal_to_noise(scheduler, timesteps).sqrt().float().to(offset.device)
+    return offset * scale.view(-1, *([1] * (offset.dim() - 1)))
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the configured prediction type."""
-    abar = scheduler.alphas_cumprod[timesteps.cpu()]  # float64: 1 - abar at t = 0 needs the digits
-    snr = abar / (1 - abar)
+    snr = signal_to_noise(scheduler, timesteps)
     clipped = snr.clamp(max=gamma)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

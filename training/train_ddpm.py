@@ -264,7 +264,7 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
     input_noise = noise
     if args.input_perturbation > 0:
         input_noise = noise + args.input_perturbation * torch.randn(x0.shape, device=draw_on).to(device)
-    if getattr(args, "haze_perturbation", 0) > 0:
+    if args.haze_perturbation > 0:
         if scheduler is None:
             raise ValueError("--haze_perturbation needs the noise scheduler (its alphas turn the haze into noise).")
         haze = offset_as_noise(scheduler, background_haze(x0, args.haze_perturbation), timesteps)
