@@ -20,7 +20,11 @@ What it measures (FIDs with the offline extractor against Fashion-MNIST's test s
    gray level as in 4. Noise that the sampling chain carried to the end is replaced by fresh noise here, so
    a haze that survives is one the model predicts for those images, while the real images show what it
    predicts for a black background;
-6. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
+6. when the haze enters: the model's x0 prediction along the sampling chain (every --trajectory-every steps and
+   the last; the model's own scheduler only, diffusers' solvers report none), rounded as saved, over the far
+   background of the finished sample: the shares and mean gray level as in 4. A haze that its x0 predictions
+   carry from mid-chain to the end is one the model never learned to remove;
+7. the samples as the 8-bit images a user saves (`output_type="pil"`, rounded as diffusers rounds them):
    training.evaluate scores the pipeline's float output, and this says whether that number stands for
    the PNGs too (real images are 8-bit already).
 """
@@ -98,6 +102,26 @@ def renoised_far_background(unet, scheduler, images: torch.Tensor, timestep: int
     return {"t": timestep, **masked_summary(torch.cat(denoised), far)}
 
 
+class X0Trajectory:
+    """A `callback_on_step_end` that keeps the x0 prediction (clamped, as 8-bit levels) at every `every`-th step
+    and at the last, across the batches of one sampling run; `far_background` summarises each kept step."""
+
+    def __init__(self, every: int):
+        self.every, self.timesteps, self.kept = every, {}, {}
+
+    def __call__(self, pipe, i, t, tensors):
+        if i % self.every == 0 or i == pipe._num_timesteps - 1:
+            x0 = tensors["pred_original_sample"]
+            self.timesteps[i] = int(t)
+            self.kept.setdefault(i, []).append((((x0.float().clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8).cpu())
+        return {}
+
+    def far_background(self, mask: torch.Tensor) -> list:
+        """One row per kept step (in chain order): its timestep and the x0 prediction's summary where `mask` holds."""
+        return [{"step": i, "t": self.timesteps[i], **masked_summary(torch.cat(self.kept[i]).float() / 255, mask.cpu())}
+                for i in sorted(self.kept)]
+
+
 def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:
     """Every pixel fainter than `threshold` gray levels set to black (a diagnostic, never applied to outputs)."""
     return images.masked_fill(images * 255 < threshold, 0.0)
@@ -118,8 +142,17 @@ def parse_args(argv=None):
     parser.add_argument("--garment-level", type=float, default=30.0, help="gray levels; see 4. above")
     parser.add_argument("--renoise-timesteps", type=int, nargs="*", default=[20, 100],
                         help="training timesteps; see 5. above (none to skip)")
+    parser.add_argument("--trajectory-every", type=int, default=None,
+                        help="steps; see 6. above (default 5 with the model's own scheduler, off with a solver; 0: off)")
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
+    if args.trajectory_every is None:
+        args.trajectory_every = 5 if args.scheduler == "model" else 0
+    elif args.trajectory_every < 0:
+        parser.error(f"--trajectory-every must be >= 0 steps (0 turns it off), got {args.trajectory_every}.")
+    elif args.trajectory_every > 0 and args.scheduler != "model":
+        parser.error("--trajectory-every needs the model's own scheduler: diffusers' solvers report no x0 prediction. "
+                     "Leave it out or pass 0 with --scheduler.")
     return args
 
 
@@ -138,10 +171,14 @@ def main(argv=None) -> dict:
         calibration.append({"noise_gray_levels": level, **study.score(noisy), "pixels": pixel_shares(noisy)})
         print(f"real + noise of {level:g} gray levels: FID {calibration[-1]['fid']:.2f}", flush=True)
 
-    samples = study.draw()
+    trajectory = X0Trajectory(args.trajectory_every) if args.trajectory_every else None
+    samples = study.draw() if trajectory is None else study.draw(
+        callback_on_step_end=trajectory, callback_on_step_end_tensor_inputs=["pred_original_sample"])
+    samples_far = far_from_garment(samples, args.far_distance, args.garment_level)
     results = {
         "setup": study.setup(haze_threshold=args.haze_threshold, far_distance=args.far_distance,
-                             garment_level=args.garment_level, device=str(device)),
+                             garment_level=args.garment_level, trajectory_every=args.trajectory_every,
+                             device=str(device)),
         "noise_calibration": calibration,
         "pixels": {"real": pixel_shares(real), "samples": pixel_shares(samples)},
         "pixels_far_background": {"real": far_background_shares(real, args.far_distance, args.garment_level),
@@ -151,6 +188,7 @@ def main(argv=None) -> dict:
             name: [renoised_far_background(study.pipe.unet, study.model_scheduler, images, t, args.seed,
                                            args.far_distance, args.garment_level) for t in args.renoise_timesteps]
             for name, images in (("real", real), ("samples", samples))},
+        "x0_trajectory_far_background": [] if trajectory is None else trajectory.far_background(samples_far),
         "samples_8bit": study.score(as_saved(samples)),
         "dehazed_diagnostic": {"samples": study.score(dehaze(samples, args.haze_threshold)),
                                "real": study.score(dehaze(real, args.haze_threshold))},
@@ -165,6 +203,9 @@ def main(argv=None) -> dict:
         print(f"re-noised to t={real_row['t']} and denoised once, far background: real {real_mean:.2f} gray levels "
               f"({real_row.get('black (<0.5)', 0):.3f} black), samples {sample_mean:.2f} "
               f"({sample_row.get('black (<0.5)', 0):.3f} black)")
+    if results["x0_trajectory_far_background"]:
+        print("x0 prediction along the chain, far background of the finished samples (mean gray level): " + ", ".join(
+            f"t={row['t']} {row.get('mean_gray_level', 0):.2f}" for row in results["x0_trajectory_far_background"]))
     dehazed = results["dehazed_diagnostic"]
     print(f"samples: FID {results['samples']['fid']:.2f} ({results['samples_8bit']['fid']:.2f} as 8-bit images); "
           f"a diagnostic, with every pixel under {args.haze_threshold:g} gray levels set to black: "

@@ -305,9 +305,9 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     from training import data
 
     tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
-    results = haze_main(["--model", str(tmp_path / "model"), "--num-samples", "300", "--steps", "2",
-                         "--noise-levels", "0", "16", "--renoise-timesteps", "5", "15", "--device", "cpu",
-                         "--out", str(tmp_path / "haze.json")])
+    results = haze_main(["--model", str(tmp_path / "model"), "--num-samples", "300", "--steps", "3",
+                         "--noise-levels", "0", "16", "--renoise-timesteps", "5", "15", "--trajectory-every", "2",
+                         "--device", "cpu", "--out", str(tmp_path / "haze.json")])
     assert json.loads((tmp_path / "haze.json").read_text())["setup"]["num_samples"] == 300
     # the same 300 train images, counted from the IDX file directly: all black pixels and the faint 1-3 band
     from training.evaluate import real_images
@@ -343,6 +343,33 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
     assert not torch.equal(as_saved(floats), floats) and torch.equal(as_saved(images), images)
     assert "fid" in results["samples_8bit"]
     assert [row["t"] for row in results["renoised_far_background"]["samples"]] == [5, 15]
+    # the x0 trajectory: every 2nd step and the last, at the scheduler's timesteps
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+
+    chain = DDPMCustomScheduler.from_pretrained(tmp_path / "model", subfolder="scheduler")
+    chain.set_timesteps(3)
+    trajectory = results["x0_trajectory_far_background"]
+    assert [(row["step"], row["t"]) for row in trajectory] == [(0, int(chain.timesteps[0])), (2, int(chain.timesteps[2]))]
+
+
+def test_x0_trajectory_follows_the_prediction_to_the_finished_sample():
+    """background_haze's X0Trajectory keeps every batch's x0 prediction at the chosen steps; DDIM's last step
+    returns its x0 prediction, so the last row summarises the finished samples (as 8-bit levels), while the first
+    step's prediction is another image."""
+    from background_haze import X0Trajectory, as_saved, masked_summary
+
+    pipe = tiny_pipeline(num_train_timesteps=20)
+    trajectory = X0Trajectory(every=3)
+    batches = [pipe(batch_size=3, num_inference_steps=4, eta=0.0, output_type="pt", generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=trajectory, callback_on_step_end_tensor_inputs=["pred_original_sample"]).images
+               for seed in (0, 1)]
+    samples = torch.cat(batches)
+    everywhere = torch.ones_like(samples, dtype=torch.bool)
+    rows = trajectory.far_background(everywhere)
+    assert [row["step"] for row in rows] == [0, 3] and [row["t"] for row in rows] == [int(t) for t in pipe.scheduler.timesteps[[0, 3]]]
+    expected = masked_summary(as_saved(samples), everywhere)
+    assert {k: v for k, v in rows[-1].items() if k not in ("step", "t")} == pytest.approx(expected, abs=1e-5)
+    assert not torch.equal(torch.cat(trajectory.kept[0]), torch.cat(trajectory.kept[3]))
 
 
 def test_background_haze_samples_with_a_solver_and_refuses_an_eta_for_it(tmp_path):
@@ -357,8 +384,13 @@ def test_background_haze_samples_with_a_solver_and_refuses_an_eta_for_it(tmp_pat
     assert results["setup"]["sampler"] == "SDE-DPM-Solver++ 2M" and results["setup"]["eta"] is None
     assert results["setup"]["scheduler"]["class"] == "DPMSolverMultistepScheduler"
     assert [row["t"] for row in results["renoised_far_background"]["real"]] == [5]
+    assert results["x0_trajectory_far_background"] == [] and results["setup"]["trajectory_every"] == 0
     with pytest.raises(SystemExit):
         haze_main(common + ["--scheduler", "sde-dpmsolver++", "--eta", "0.5"])
+    with pytest.raises(SystemExit):  # a solver reports no x0 prediction to follow
+        haze_main(common + ["--scheduler", "sde-dpmsolver++", "--trajectory-every", "5"])
+    with pytest.raises(SystemExit):
+        haze_main(common + ["--trajectory-every", "-1"])
 
 
 def test_renoised_background_reports_what_the_model_predicts_there():

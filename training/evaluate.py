@@ -154,9 +154,10 @@ def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
 
 @torch.no_grad()
 def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, guidance_scale: float,
-           timesteps=None) -> torch.Tensor:
+           timesteps=None, **pipeline_kwargs) -> torch.Tensor:
     """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
-    replaces the scheduler's own spacing of `steps`; `eta` is None for a scheduler that takes none (a solver)."""
+    replaces the scheduler's own spacing of `steps`; `eta` is None for a scheduler that takes none (a solver).
+    `pipeline_kwargs` go to every pipeline call (a study's step callback)."""
     classes = pipe.unet.config.num_class_embeds
     chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
@@ -165,7 +166,7 @@ def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, 
         idx = list(range(start, min(start + batch_size, num_samples)))
         out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
                         eta=eta, class_labels=[i % classes for i in idx] if classes else None,
-                        guidance_scale=guidance_scale, output_type="pt", **chain).images)
+                        guidance_scale=guidance_scale, output_type="pt", **chain, **pipeline_kwargs).images)
     return torch.cat(out)
 
 
