@@ -97,7 +97,7 @@ def renoised_far_background(unet, scheduler, images: torch.Tensor, timestep: int
         labels = None if null_class is None else torch.full_like(t, null_class)
         output = unet(x_t.to(unet.dtype), t, class_labels=labels).sample[:, : x0.shape[1]].float()
         x0_hat, _ = scheduler._predict_x0_and_eps(output, x_t, abar)
-        denoised.append(as_saved((x0_hat.clamp(-1, 1) + 1) / 2))
+        denoised.append(x0_as_saved(x0_hat))
     far = far_from_garment(images, distance, garment_level)  # where the input is far background
     return {"t": timestep, **masked_summary(torch.cat(denoised), far)}
 
@@ -113,7 +113,8 @@ class X0Trajectory:
         if i % self.every == 0 or i == pipe._num_timesteps - 1:
             x0 = tensors["pred_original_sample"]
             self.timesteps[i] = int(t)
-            self.kept.setdefault(i, []).append((((x0.float().clamp(-1, 1) + 1) / 2) * 255).round().to(torch.uint8).cpu())
+            levels = (x0_as_saved(x0.float()) * 255).round()  # uint8 keeps a long chain's copies small
+            self.kept.setdefault(i, []).append(levels.to(torch.uint8).cpu())
         return {}
 
     def far_background(self, mask: torch.Tensor) -> list:
@@ -130,6 +131,11 @@ def dehaze(images: torch.Tensor, threshold: float) -> torch.Tensor:
 def as_saved(images: torch.Tensor) -> torch.Tensor:
     """images (N, C, H, W) in [0, 1] rounded to the 8-bit levels that diffusers' PIL output holds."""
     return (images * 255).round() / 255
+
+
+def x0_as_saved(x0: torch.Tensor) -> torch.Tensor:
+    """A model's x0 prediction (in [-1, 1] up to its errors) as the [0, 1] image the pipeline would save."""
+    return as_saved((x0.clamp(-1, 1) + 1) / 2)
 
 
 def parse_args(argv=None):
