@@ -25,18 +25,20 @@ def signal_to_noise(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return abar / (1 - abar)
 
 
-def background_haze(x0: torch.Tensor, max_gray_levels: float, probability: float = 0.5) -> torch.Tensor:
+def background_haze(x0: torch.Tensor, max_gray_levels: float, probability: float = 0.5,
+                    draw_on: Optional[torch.device] = None) -> torch.Tensor:
     """A faint smooth haze (x0 units, >= 0) over the exactly black background of each image of ``x0``
     (B, C, H, W in [-1, 1]): a bilinear-upsampled 4x4 random field scaled to [0, a] gray levels, a drawn
-    uniformly from [0, max_gray_levels] for a ``probability`` share of the images, 0 for the rest."""
-    batch = x0.shape[0]
-    field = F.interpolate(torch.randn(batch, 1, 4, 4, device=x0.device), size=x0.shape[-2:], mode="bilinear",
-                          align_corners=False)
+    uniformly from [0, max_gray_levels] for a ``probability`` share of the images, 0 for the rest.
+    ``draw_on`` (default x0's device) is where the random numbers are drawn, as in the training step's other draws."""
+    batch, draw_on = x0.shape[0], draw_on or x0.device
+    coarse = torch.randn(batch, 1, 4, 4, device=draw_on).to(x0.device)
+    field = F.interpolate(coarse, size=x0.shape[-2:], mode="bilinear", align_corners=False)
     low = field.amin(dim=(2, 3), keepdim=True)
     high = field.amax(dim=(2, 3), keepdim=True)
     field = (field - low) / (high - low).clamp(min=1e-6)
-    amplitude = torch.rand(batch, 1, 1, 1, device=x0.device) * max_gray_levels
-    amplitude = amplitude * (torch.rand(batch, 1, 1, 1, device=x0.device) < probability)
+    amplitude = torch.rand(batch, 1, 1, 1, device=draw_on).to(x0.device) * max_gray_levels
+    amplitude = amplitude * (torch.rand(batch, 1, 1, 1, device=draw_on).to(x0.device) < probability)
     black = x0 <= -1 + 1 / 255  # below half a gray level
     return field * amplitude * (2 / 255) * black
 

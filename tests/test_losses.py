@@ -48,6 +48,11 @@ def test_background_haze_lies_only_on_black_pixels_and_within_its_bound():
     assert 0.4 < hazy.float().mean() < 0.6  # half the images by default
     assert levels.amax(dim=(1, 2, 3))[hazy].max() > 5  # amplitudes reach towards the bound
     assert not background_haze(x0, 6.0, probability=0.0).any()
+    assert (background_haze(x0, 6.0, probability=1.0).amax(dim=(1, 2, 3)) > 0).all()
+    torch.manual_seed(1)
+    default_device = background_haze(x0, 6.0)
+    torch.manual_seed(1)
+    torch.testing.assert_close(background_haze(x0, 6.0, draw_on=torch.device("cpu")), default_device)
 
 
 @pytest.mark.parametrize("t", [0, 1, 20, 300, 999])

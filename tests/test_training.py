@@ -57,6 +57,7 @@ def unet_weights(folder, variant=None):
         (["--train_batch_size", "0"], "train_batch_size"),
         (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
         (["--haze_perturbation", "-1"], "--haze_perturbation must be >= 0"),
+        (["--haze_perturbation", "6", "--haze_share", "0"], "--haze_share must lie in"),
         (["--ema_min_decay", "0.9", "--ema_max_decay", "0.5"], "--ema_min_decay <= --ema_max_decay"),
     ],
 )
@@ -341,5 +342,9 @@ def test_haze_perturbation_is_drawn_last_and_moves_both_noises_on_the_background
     moved = hazy[1] - plain[1]
     torch.testing.assert_close(hazy[4] - plain[4], moved)
     assert moved[:, :, 3:].abs().max() == 0 and moved[:, :, :3].abs().max() > 0
+    assert 0.3 < (moved.abs().amax(dim=(1, 2, 3)) > 0).float().mean() < 0.7  # --haze_share's default: half
+    every = parse_args(["--output_dir", "x", "--haze_perturbation", "6", "--haze_share", "1"])
+    moved_every = draw_step_inputs(x0, labels, every, 10, scheduler=scheduler)[1] - plain[1]
+    assert (moved_every.abs().amax(dim=(1, 2, 3)) > 0).all()
     with pytest.raises(ValueError, match="noise scheduler"):
         draw_step_inputs(x0, labels, args, 10)

@@ -74,8 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input perturbation (Ning et al. 2023; 0.1 is the paper's choice): x_t is formed with noise + "
                         "gamma * extra noise while the target keeps the plain noise, against exposure bias (0: off)")
     g.add_argument("--haze_perturbation", type=float, default=0.0,
-                   help="max gray levels of a faint smooth haze put over the black background of half the training "
-                        "images as part of the noise, so that the model learns to remove it (0: off)")
+                   help="max gray levels of a faint smooth haze put over the black background of a share "
+                        "(--haze_share) of the training images as part of the noise, so that the model learns to "
+                        "remove it (0: off)")
+    g.add_argument("--haze_share", type=float, default=0.5,
+                   help="share of the training images that get the --haze_perturbation haze (the rest stay clean)")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -155,6 +158,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--input_perturbation must be >= 0 (0 turns it off; 0.1 is the paper's choice), got {args.input_perturbation}.")
     if args.haze_perturbation < 0:
         raise ValueError(f"--haze_perturbation must be >= 0 gray levels (0 turns it off), got {args.haze_perturbation}.")
+    if not 0.0 < args.haze_share <= 1.0:
+        raise ValueError(f"--haze_share must lie in (0, 1] (the share of images that get the haze), got {args.haze_share}.")
     if not 0.0 <= args.ema_min_decay <= args.ema_max_decay < 1.0:
         raise ValueError(f"The EMA decays must satisfy 0 <= --ema_min_decay <= --ema_max_decay < 1, got "
                          f"{args.ema_min_decay} and {args.ema_max_decay}.")
@@ -249,8 +254,8 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
     flips, noise, timesteps, label drops (to the null class, for classifier-free guidance), then the
     input perturbation and the background haze, last so that the earlier draws do not depend on them. Returns x0,
     the target's noise, timesteps, labels and the noise x_t is formed with. The haze (`scheduler` needed) enters both
-    noises: x_t holds the hazy image while the target's x0 is the clean one. `draw_on` draws the numbers on another
-    device and moves them to x0's (benchmarks/training_by_device.py)."""
+    noises: x_t holds the hazy image while the target's x0 is the clean one. `draw_on` draws the numbers (the haze's
+    too) on another device and moves them to x0's (benchmarks/training_by_device.py)."""
     device = x0.device
     draw_on = draw_on or device
     if args.random_flip:
@@ -267,7 +272,8 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
     if args.haze_perturbation > 0:
         if scheduler is None:
             raise ValueError("--haze_perturbation needs the noise scheduler (its alphas turn the haze into noise).")
-        haze = offset_as_noise(scheduler, background_haze(x0, args.haze_perturbation), timesteps)
+        haze = offset_as_noise(scheduler, background_haze(x0, args.haze_perturbation, args.haze_share, draw_on),
+                               timesteps)
         noise, input_noise = noise + haze, input_noise + haze
     return x0, noise, timesteps, labels, input_noise
 
