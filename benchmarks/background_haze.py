@@ -65,10 +65,9 @@ def masked_summary(images: torch.Tensor, mask: torch.Tensor) -> dict:
     return {**pixel_shares(images, mask), "mean_gray_level": float(images[mask].float().mean() * 255)}
 
 
-def far_background_shares(images: torch.Tensor, distance: int, garment_level: float) -> dict:
-    """How much of the image is far background, its pixel shares by brightness band and its mean gray level
-    (the last two only where it has any)."""
-    far = far_from_garment(images, distance, garment_level)
+def far_background_shares(images: torch.Tensor, far: torch.Tensor) -> dict:
+    """How much of the images is far background (`far`, far_from_garment's mask of them), its pixel shares by
+    brightness band and its mean gray level (the last two only where it has any)."""
     return {"share_of_pixels": float(far.float().mean()), **masked_summary(images, far)}
 
 
@@ -187,8 +186,9 @@ def main(argv=None) -> dict:
                              device=str(device)),
         "noise_calibration": calibration,
         "pixels": {"real": pixel_shares(real), "samples": pixel_shares(samples)},
-        "pixels_far_background": {"real": far_background_shares(real, args.far_distance, args.garment_level),
-                                  "samples": far_background_shares(samples, args.far_distance, args.garment_level)},
+        "pixels_far_background": {
+            "real": far_background_shares(real, far_from_garment(real, args.far_distance, args.garment_level)),
+            "samples": far_background_shares(samples, samples_far)},
         "samples": study.score(samples),
         "renoised_far_background": {
             name: [renoised_far_background(study.pipe.unet, study.model_scheduler, images, t, args.seed,
