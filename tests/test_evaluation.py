@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -572,3 +573,40 @@ def test_roofline_counts_the_arithmetic_and_the_benchmarked_models_do_equal_work
     assert dense_kernel_share(lambda: torch.sin(x).exp()) == 0
     # a mix counts both kinds; how the time splits between them depends on the machine's load, so no bound beyond that
     assert 0 < dense_kernel_share(lambda: (conv(torch.sin(torch.randn(64, 8, 10, 10))))) < 1
+
+
+def test_floor_spread_measures_evaluates_floor_for_each_seed(tmp_path, capsys):
+    """benchmarks/floor_spread.py: its row for a seed is the floor `evaluate --floor --seed` reports, each FID
+    agrees with a Frechet distance computed independently (numpy means and covariances, scipy's sqrtm), and
+    different seeds are different subsets; a repeated seed is refused."""
+    from floor_spread import main as spread_main
+    from scipy import linalg
+
+    from training.evaluate import load_extractor, real_images
+
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    evaluated = tmp_path / "evaluated.json"
+    evaluate_main(["--model", str(tmp_path / "model"), "--num-samples", "200", "--steps", "2", "--seed", "3",
+                   "--floor", "--batch-size", "200", "--device", "cpu", "--out", str(evaluated)])
+    out = tmp_path / "spread.json"
+    assert spread_main(["--num-samples", "200", "--seeds", "3", "4", "--device", "cpu", "--out", str(out)]) == 0
+    spread = json.loads(out.read_text())
+    rows = {row["evaluate_seed"]: row for row in spread["floors"]}
+    assert rows[3]["fid"] == pytest.approx(json.loads(evaluated.read_text())["floor"]["fid"], rel=1e-4)
+
+    net = load_extractor("offline", torch.device("cpu"))
+    with torch.no_grad():
+        reference = net(real_images("test", 10_000, 0, "cpu")).double().numpy()
+        subset = net(real_images("train", 200, 4 + 1, "cpu")).double().numpy()
+    mu1, mu2 = reference.mean(0), subset.mean(0)
+    cov1, cov2 = np.cov(reference, rowvar=False), np.cov(subset, rowvar=False)
+    with warnings.catch_warnings():  # features that are always 0 (after the net's ReLU) make both covariances singular
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        expected = ((mu1 - mu2) ** 2).sum() + np.trace(cov1 + cov2 - 2 * linalg.sqrtm(cov1 @ cov2).real)
+    assert rows[4]["fid"] == pytest.approx(expected, rel=1e-3)
+    assert rows[3]["fid"] != pytest.approx(rows[4]["fid"], rel=1e-3)
+    assert spread["fid"]["min"] == min(rows[3]["fid"], rows[4]["fid"])
+
+    with pytest.raises(SystemExit):
+        spread_main(["--num-samples", "200", "--seeds", "3", "3", "--device", "cpu"])
+    assert "repeats a seed" in capsys.readouterr().err
