@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
 from training.atomic_files import write_json_atomically  # noqa: E402
-from training.evaluate import real_images  # noqa: E402
+from training.evaluate import floor_images  # noqa: E402
 
 
 def pixel_shares(images: torch.Tensor, mask: torch.Tensor = None) -> dict:
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     device = study.device
 
     # the same train subset as training.evaluate's real-vs-real floor
-    real = real_images("train", args.num_samples, args.seed + 1, device)
+    real = floor_images("test", args.num_samples, args.seed, device)
     noise_generator = torch.Generator(device=device).manual_seed(args.seed)
     calibration = []
     for level in args.noise_levels:

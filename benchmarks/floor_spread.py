@@ -19,18 +19,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.atomic_files import write_json_atomically  # noqa: E402
-from training.evaluate import load_extractor, real_images, reference_metrics, score_images  # noqa: E402
+from training.evaluate import floor_images, load_extractor, reference_metrics, score_images  # noqa: E402
 
 
-def floors(num_samples: int, seeds, device, extractor_name: str = "offline", reference: str = "test") -> list:
-    """One row per evaluate seed: the FID and KID of its train subset against the reference (fed once)."""
+def floors(num_samples: int, seeds, device, extractor_name: str = "offline") -> list:
+    """One row per evaluate seed: the FID and KID of its train subset against the test split (fed once)."""
     extractor = load_extractor(extractor_name, device)
-    fid, kid = reference_metrics(extractor, num_samples, 0, device, reference)
-    other = "train" if reference == "test" else "test"
+    fid, kid = reference_metrics(extractor, num_samples, 0, device, "test")
     rows = []
     for seed in seeds:
-        # the subset evaluate --floor --seed `seed` draws (training/evaluate.py: seed + 1)
-        real = real_images(other, num_samples, seed + 1, device)
+        real = floor_images("test", num_samples, seed, device)
         rows.append({"evaluate_seed": seed, **score_images(fid, kid, real, extractor)})
         print(f"evaluate --seed {seed}: floor FID {rows[-1]['fid']:.3f}  KID {rows[-1]['kid']:.3f}", flush=True)
     return rows

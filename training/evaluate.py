@@ -98,6 +98,16 @@ def real_images(split: str, count: int, seed: int, device, dataset_name=None, tr
     return torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
 
 
+def floor_images(reference: str, count: int, seed: int, device, dataset_name=None) -> torch.Tensor:
+    """The real images the floor (--floor) compares with `reference`: `count` of the other split, drawn with
+    seed + 1 so that they are not the images drawn with `seed` (benchmarks reuse this subset as theirs)."""
+    return real_images(other_split(reference), count, seed + 1, device, dataset_name)
+
+
+def other_split(reference: str) -> str:
+    return "train" if reference == "test" else "test"
+
+
 class CachedReferenceFID:
     """FID with the offline extractor against reference statistics that are computed once and cached
     (training's --eval_steps: each evaluation then costs only sampling and feature extraction).
@@ -246,9 +256,9 @@ def main(argv=None):
             write_json_atomically(args.out, results)
 
     if args.floor and "floor" not in results:
-        other = "train" if args.reference == "test" else "test"
-        real = real_images(other, args.num_samples, args.seed + 1, device, args.dataset_name)
-        results["floor"] = {**score_images(fid, kid, real, extractor), "what": f"real vs real: {args.num_samples} {other} images vs the reference",
+        real = floor_images(args.reference, args.num_samples, args.seed, device, args.dataset_name)
+        results["floor"] = {**score_images(fid, kid, real, extractor),
+                            "what": f"real vs real: {args.num_samples} {other_split(args.reference)} images vs the reference",
                             "class_histogram": class_histogram(real, classifier)}
         print(f"floor: FID {results['floor']['fid']:.3f}  KID {results['floor']['kid']:.5f}", flush=True)
         save()
