@@ -22,13 +22,14 @@ from training.atomic_files import write_json_atomically  # noqa: E402
 from training.evaluate import floor_images, load_extractor, reference_metrics, score_images  # noqa: E402
 
 
-def floors(num_samples: int, seeds, device, extractor_name: str = "offline") -> list:
-    """One row per evaluate seed: the FID and KID of its train subset against the test split (fed once)."""
+def floors(num_samples: int, seeds, device, extractor_name: str = "offline", balanced: bool = False) -> list:
+    """One row per evaluate seed: the FID and KID of its train subset against the test split (fed once);
+    `balanced`: each subset holds the same number of each class."""
     extractor = load_extractor(extractor_name, device)
     fid, kid = reference_metrics(extractor, num_samples, 0, device, "test")
     rows = []
     for seed in seeds:
-        real = floor_images("test", num_samples, seed, device)
+        real = floor_images("test", num_samples, seed, device, balanced_by="label" if balanced else None)
         rows.append({"evaluate_seed": seed, **score_images(fid, kid, real, extractor)})
         print(f"evaluate --seed {seed}: floor FID {rows[-1]['fid']:.3f}  KID {rows[-1]['kid']:.3f}", flush=True)
     return rows
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)),
                         help="evaluate --seed values whose floors to measure")
     parser.add_argument("--extractor", default="offline", choices=["offline", "inception"])
+    parser.add_argument("--balanced", action="store_true",
+                        help="draw each subset with the same number of each class (as the samples and the test split have)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the rows and their summary")
     args = parser.parse_args(argv)
@@ -53,9 +56,13 @@ def main(argv=None) -> int:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds repeats a seed: each seed is one subset, give each once.")
-    rows = floors(args.num_samples, args.seeds, torch.device(args.device), args.extractor)
+    try:
+        rows = floors(args.num_samples, args.seeds, torch.device(args.device), args.extractor, args.balanced)
+    except ValueError as error:  # a balanced draw the classes do not divide
+        parser.error(str(error))
     result = {"setup": {"extractor": args.extractor, "reference": "fashion-mnist test (10000 images)",
-                        "num_samples": args.num_samples, "subset": "train, drawn as evaluate --floor --seed S does"},
+                        "num_samples": args.num_samples, "subset": "train, drawn as evaluate --floor --seed S does"
+                        + (", the same number of each class" if args.balanced else "")},
               "floors": rows, "fid": summary(rows)}
     spread = result["fid"]
     print(f"floor FID over {len(rows)} subsets: mean {spread['mean']:.3f}, stdev {spread['stdev']:.3f}, "

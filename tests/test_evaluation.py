@@ -610,3 +610,47 @@ def test_floor_spread_measures_evaluates_floor_for_each_seed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         spread_main(["--num-samples", "200", "--seeds", "3", "3", "--device", "cpu"])
     assert "repeats a seed" in capsys.readouterr().err
+
+
+def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsys):
+    """real_images(balanced_by="label") and floor_spread --balanced: every class equally often, checked by looking
+    each drawn image up in the IDX files read directly (not through the datasets loader); other seeds draw other
+    images; a count the classes do not divide is refused with the nearest count that works."""
+    from floor_spread import main as spread_main
+
+    from training.data import FASHION_MNIST_IDX, read_idx
+    from training.evaluate import real_images
+
+    pixels = read_idx(os.path.join(FASHION_MNIST_IDX, "train-images-idx3-ubyte.gz"))
+    labels = read_idx(os.path.join(FASHION_MNIST_IDX, "train-labels-idx1-ubyte.gz"))
+    label_of = {}
+    for image, label in zip(pixels.reshape(len(pixels), -1), labels):
+        label_of.setdefault(image.tobytes(), set()).add(int(label))
+
+    def drawn_labels(images):
+        keys = [np.round(image.numpy() * 255).astype(np.uint8).tobytes() for image in images]
+        assert len(set(keys)) == len(keys)  # no image drawn twice
+        found = [label_of[key] for key in keys]
+        assert all(len(candidates) == 1 for candidates in found)
+        return keys, [next(iter(candidates)) for candidates in found]
+
+    keys5, labels5 = drawn_labels(real_images("train", 200, 5, "cpu", balanced_by="label"))
+    assert np.bincount(labels5, minlength=10).tolist() == [20] * 10
+    keys6, labels6 = drawn_labels(real_images("train", 200, 6, "cpu", balanced_by="label"))
+    assert np.bincount(labels6, minlength=10).tolist() == [20] * 10
+    assert len(set(keys5) & set(keys6)) < 20
+    _, unbalanced = drawn_labels(real_images("train", 200, 5, "cpu"))
+    assert np.bincount(unbalanced, minlength=10).tolist() != [20] * 10  # the plain draw is not balanced by luck
+
+    with pytest.raises(ValueError, match="multiple of the 10 classes; use e.g. 200"):
+        real_images("train", 205, 5, "cpu", balanced_by="label")
+
+    out = tmp_path / "balanced.json"
+    assert spread_main(["--num-samples", "200", "--seeds", "4", "--balanced", "--device", "cpu", "--out", str(out)]) == 0
+    balanced = json.loads(out.read_text())
+    assert "same number of each class" in balanced["setup"]["subset"]
+    assert spread_main(["--num-samples", "200", "--seeds", "4", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["floors"][0]["fid"] != pytest.approx(balanced["floors"][0]["fid"], rel=1e-3)
+    with pytest.raises(SystemExit):
+        spread_main(["--num-samples", "205", "--seeds", "4", "--balanced", "--device", "cpu"])
+    assert "multiple of the 10 classes" in capsys.readouterr().err

@@ -91,17 +91,41 @@ def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
     return images.float()
 
 
-def real_images(split: str, count: int, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image") -> torch.Tensor:
+def real_images(split: str, count: int, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image",
+                balanced_by=None) -> torch.Tensor:
+    """`count` images of `split`, drawn at random with `seed`; with `balanced_by` (a label column), the same
+    number of each class, as the samples (labels cycling through the classes) and Fashion-MNIST's test split have."""
     dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
-    order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
+    if balanced_by is not None:
+        order = class_balanced_order(np.asarray(dataset[balanced_by]), count, seed)
+    else:
+        order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
     images = np.stack([np.asarray(dataset[int(i)][image_column].convert("L"), dtype=np.uint8) for i in order])
     return torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
 
 
-def floor_images(reference: str, count: int, seed: int, device, dataset_name=None) -> torch.Tensor:
+def class_balanced_order(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices of count / classes images of each class, each class's drawn at random with `seed`."""
+    classes = np.unique(labels)
+    if count % len(classes):
+        raise ValueError(f"A class-balanced draw of {count} images needs a multiple of the {len(classes)} classes; "
+                         f"use e.g. {count - count % len(classes)}.")
+    per_class = count // len(classes)
+    rng = np.random.default_rng(seed)
+    order = []
+    for label in classes:
+        members = np.flatnonzero(labels == label)
+        if len(members) < per_class:
+            raise ValueError(f"Class {label} has {len(members)} images, fewer than the {per_class} a balanced draw of "
+                             f"{count} needs; ask for at most {len(members) * len(classes)}.")
+        order.append(rng.permutation(members)[:per_class])
+    return np.sort(np.concatenate(order))
+
+
+def floor_images(reference: str, count: int, seed: int, device, dataset_name=None, balanced_by=None) -> torch.Tensor:
     """The real images the floor (--floor) compares with `reference`: `count` of the other split, drawn with
     seed + 1 so that they are not the images drawn with `seed` (benchmarks reuse this subset as theirs)."""
-    return real_images(other_split(reference), count, seed + 1, device, dataset_name)
+    return real_images(other_split(reference), count, seed + 1, device, dataset_name, balanced_by=balanced_by)
 
 
 def other_split(reference: str) -> str:
