@@ -613,9 +613,9 @@ def test_floor_spread_measures_evaluates_floor_for_each_seed(tmp_path, capsys):
 
 
 def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsys):
-    """real_images(balanced_by="label") and floor_spread --balanced: every class equally often, checked by looking
-    each drawn image up in the IDX files read directly (not through the datasets loader); other seeds draw other
-    images; a count the classes do not divide is refused with the nearest count that works."""
+    """real_images(balanced_by="label"), floor_spread --balanced and evaluate --balanced-floor: every class equally
+    often, checked by looking each drawn image up in the IDX files read directly (not through the datasets loader);
+    other seeds draw other images; a count the classes do not divide is refused with the nearest count that works."""
     from floor_spread import main as spread_main
 
     from training.data import FASHION_MNIST_IDX, read_idx
@@ -650,7 +650,20 @@ def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsy
     balanced = json.loads(out.read_text())
     assert "same number of each class" in balanced["setup"]["subset"]
     assert spread_main(["--num-samples", "200", "--seeds", "4", "--device", "cpu", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["floors"][0]["fid"] != pytest.approx(balanced["floors"][0]["fid"], rel=1e-3)
+    random_fid = json.loads(out.read_text())["floors"][0]["fid"]
+    assert random_fid != pytest.approx(balanced["floors"][0]["fid"], rel=1e-3)
+
+    # evaluate --balanced-floor reports the same floor; --resume without it measures the random floor again
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    evaluated = tmp_path / "evaluated.json"
+    command = ["--model", str(tmp_path / "model"), "--num-samples", "200", "--steps", "2", "--seed", "4",
+               "--batch-size", "200", "--device", "cpu", "--out", str(evaluated)]
+    evaluate_main(command + ["--balanced-floor"])
+    floor = json.loads(evaluated.read_text())["floor"]
+    assert floor["draw"] == "class-balanced" and floor["fid"] == pytest.approx(balanced["floors"][0]["fid"], rel=1e-4)
+    evaluate_main(command + ["--floor", "--resume"])
+    floor = json.loads(evaluated.read_text())["floor"]
+    assert floor["draw"] == "random" and floor["fid"] == pytest.approx(random_fid, rel=1e-4)
     with pytest.raises(SystemExit):
         spread_main(["--num-samples", "205", "--seeds", "4", "--balanced", "--device", "cpu"])
     assert "multiple of the 10 classes" in capsys.readouterr().err

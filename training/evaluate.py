@@ -235,6 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset-name", default=None, help="Fashion-MNIST source (default: Debian's IDX files, else the Hub)")
     parser.add_argument("--reference", default="test", choices=["test", "train"], help="the real split compared against")
     parser.add_argument("--floor", action="store_true", help="also the real-vs-real FID (train subset vs reference)")
+    parser.add_argument("--balanced-floor", action="store_true",
+                        help="draw the floor's subset with the same number of each class, as the samples (labels cycling "
+                             "through the classes) and the test split have (implies --floor); without it a random "
+                             "subset, whose uneven classes raise the floor")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten after every run)")
     parser.add_argument("--plot", default=None, help="PNG of FID against steps")
@@ -245,6 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    args.floor = args.floor or args.balanced_floor
     compare = []
     for item in args.compare:
         label, sep, path = item.partition("=")
@@ -279,11 +284,14 @@ def main(argv=None):
         if args.out:
             write_json_atomically(args.out, results)
 
-    if args.floor and "floor" not in results:
-        real = floor_images(args.reference, args.num_samples, args.seed, device, args.dataset_name)
+    floor_draw = "class-balanced" if args.balanced_floor else "random"
+    previous_floor = results.get("floor")
+    if args.floor and (previous_floor is None or previous_floor.get("draw", "random") != floor_draw):  # files before draws were random
+        real = floor_images(args.reference, args.num_samples, args.seed, device, args.dataset_name,
+                            balanced_by="label" if args.balanced_floor else None)
         results["floor"] = {**score_images(fid, kid, real, extractor),
                             "what": f"real vs real: {args.num_samples} {other_split(args.reference)} images vs the reference",
-                            "class_histogram": class_histogram(real, classifier)}
+                            "draw": floor_draw, "class_histogram": class_histogram(real, classifier)}
         print(f"floor: FID {results['floor']['fid']:.3f}  KID {results['floor']['kid']:.5f}", flush=True)
         save()
 
