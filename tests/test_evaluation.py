@@ -644,6 +644,8 @@ def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsy
 
     with pytest.raises(ValueError, match="multiple of the 10 classes; use e.g. 200"):
         real_images("train", 205, 5, "cpu", balanced_by="label")
+    with pytest.raises(ValueError, match="needs the label column 'class'"):
+        real_images("train", 200, 5, "cpu", balanced_by="class")
 
     out = tmp_path / "balanced.json"
     assert spread_main(["--num-samples", "200", "--seeds", "4", "--balanced", "--device", "cpu", "--out", str(out)]) == 0

@@ -97,6 +97,9 @@ def real_images(split: str, count: int, seed: int, device, dataset_name=None, tr
     number of each class, as the samples (labels cycling through the classes) and Fashion-MNIST's test split have."""
     dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
     if balanced_by is not None:
+        if balanced_by not in dataset.column_names:
+            raise ValueError(f"A class-balanced draw needs the label column {balanced_by!r}, which {split} does not have "
+                             f"(its columns: {dataset.column_names}); draw at random instead.")
         order = class_balanced_order(np.asarray(dataset[balanced_by]), count, seed)
     else:
         order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
