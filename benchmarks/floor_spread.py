@@ -29,7 +29,7 @@ def floors(num_samples: int, seeds, device, extractor_name: str = "offline", bal
     fid, kid = reference_metrics(extractor, num_samples, 0, device, "test")
     rows = []
     for seed in seeds:
-        real = floor_images("test", num_samples, seed, device, balanced_by="label" if balanced else None)
+        real = floor_images("test", num_samples, seed, device, balanced=balanced)
         rows.append({"evaluate_seed": seed, **score_images(fid, kid, real, extractor)})
         print(f"evaluate --seed {seed}: floor FID {rows[-1]['fid']:.3f}  KID {rows[-1]['kid']:.3f}", flush=True)
     return rows

@@ -125,10 +125,12 @@ def class_balanced_order(labels: np.ndarray, count: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(order))
 
 
-def floor_images(reference: str, count: int, seed: int, device, dataset_name=None, balanced_by=None) -> torch.Tensor:
+def floor_images(reference: str, count: int, seed: int, device, dataset_name=None, balanced: bool = False) -> torch.Tensor:
     """The real images the floor (--floor) compares with `reference`: `count` of the other split, drawn with
-    seed + 1 so that they are not the images drawn with `seed` (benchmarks reuse this subset as theirs)."""
-    return real_images(other_split(reference), count, seed + 1, device, dataset_name, balanced_by=balanced_by)
+    seed + 1 so that they are not the images drawn with `seed` (benchmarks reuse this subset as theirs);
+    `balanced`: the same number of each class (Fashion-MNIST's label column)."""
+    return real_images(other_split(reference), count, seed + 1, device, dataset_name,
+                       balanced_by="label" if balanced else None)
 
 
 def other_split(reference: str) -> str:
@@ -290,8 +292,7 @@ def main(argv=None):
     floor_draw = "class-balanced" if args.balanced_floor else "random"
     previous_floor = results.get("floor")
     if args.floor and (previous_floor is None or previous_floor.get("draw", "random") != floor_draw):  # files before draws were random
-        real = floor_images(args.reference, args.num_samples, args.seed, device, args.dataset_name,
-                            balanced_by="label" if args.balanced_floor else None)
+        real = floor_images(args.reference, args.num_samples, args.seed, device, args.dataset_name, args.balanced_floor)
         results["floor"] = {**score_images(fid, kid, real, extractor),
                             "what": f"real vs real: {args.num_samples} {other_split(args.reference)} images vs the reference",
                             "draw": floor_draw, "class_histogram": class_histogram(real, classifier)}
