@@ -1,5 +1,5 @@
 """Does one training recipe learn the same on each device? The H100 runs of the 6.5M model stalled at a loss the
-same recipe leaves behind on a CPU within 200 steps (README, "A larger model on the H100"); this script is the test
+same recipe leaves behind on a CPU within 200 steps (docs/bundled-model.md, "A larger model on the H100"); this script is the test
 that narrows down why, one device-specific piece at a time.
 
     python benchmarks/training_by_device.py --devices cpu cuda --steps 300 --out benchmarks/results/training-by-device.json
