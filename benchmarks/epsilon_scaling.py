@@ -12,7 +12,6 @@ with the share of black and faint pixels (background_haze.py's bands). lambda = 
 """
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -22,9 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
-from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
+from benchmarks.sampler_study import (  # noqa: E402
+    Study, add_sampling_arguments, check_sampling_arguments, unet_output_changed)
 from pipeline_ddpm_custom.losses import training_target  # noqa: E402
-from training.atomic_files import write_json_atomically  # noqa: E402
 
 
 def scale_epsilon(scheduler, model_output, sample_, timestep, scale: float):
@@ -36,25 +35,10 @@ def scale_epsilon(scheduler, model_output, sample_, timestep, scale: float):
     return training_target(scheduler, scheduler.predict_start_from_noise(sample_, t, eps), eps, torch.tensor(t))
 
 
-@contextlib.contextmanager
 def epsilon_scaled(pipe, scale: float):
     """Within the block, pipe.unet's outputs are epsilon-scaled by `scale` for pipe.scheduler's noise levels."""
-    unet, forward = pipe.unet, pipe.unet.forward
-
-    def scaled_forward(x, t, *args, **kwargs):
-        out = forward(x, t, *args, **kwargs)
-        out.sample = scale_epsilon(pipe.scheduler, out.sample.float(), x.float(), t, scale).to(out.sample.dtype)
-        return out
-
-    patched_already = "forward" in vars(unet)  # e.g. an accelerate hook's wrapper: put it back as it was
-    unet.forward = scaled_forward
-    try:
-        yield pipe
-    finally:
-        if patched_already:
-            unet.forward = forward
-        else:
-            del unet.forward  # back to the class's forward
+    return unet_output_changed(pipe, lambda out, x, t, *args, **kwargs: scale_epsilon(
+        pipe.scheduler, out.float(), x.float(), t, scale).to(out.dtype))
 
 
 def parse_args(argv=None):
@@ -78,10 +62,8 @@ def main(argv=None):
             images = study.draw()
         run = {"scale": scale, **study.score(images), "pixels": pixel_shares(images),
                "seconds": round(time.time() - start, 1)}
-        results["runs"].append(run)
-        print(f"scale {scale}: FID {run['fid']:.2f}  KID {run['kid']:.3f}  black {run['pixels']['black (<0.5)']:.3f}", flush=True)
-        if args.out:
-            write_json_atomically(args.out, results)
+        study.keep(results, run, f"scale {scale}: FID {run['fid']:.2f}  KID {run['kid']:.3f}  "
+                                 f"black {run['pixels']['black (<0.5)']:.3f}")
     return results
 
 

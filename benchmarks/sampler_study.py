@@ -3,10 +3,12 @@
 Each draws N samples from a saved pipeline as training.evaluate draws them (same seeds, class labels
 cycling 0..9), scores them with the offline extractor against Fashion-MNIST's test split, and writes
 its results as JSON that starts with the same `setup` block. This module holds those common parts:
-the command-line options, the loaded model and metrics, the setup block and the sampling call.
+the command-line options, the loaded model and metrics, the setup block, the sampling call and the
+patching of the UNet's output that epsilon_scaling.py and autoguidance.py study.
 """
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ import torch
 # imported by the study scripts, which have already put the repository root on sys.path
 from pipeline_ddpm_custom import DDPMCustomPipeline
 from pipeline_ddpm_custom.solvers import check_eta_applies
+from training.atomic_files import write_json_atomically
 from training.evaluate import (
     SAMPLING_SETTINGS, SCHEDULER_CHOICES, default_batch_size, load_extractor, reference_metrics, sample, sampler_label,
     score_images, use_scheduler)
@@ -47,6 +50,28 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(str(error))
     if args.scheduler == "model" and args.eta is None:
         args.eta = 0.0
+
+
+@contextlib.contextmanager
+def unet_output_changed(pipe, change):
+    """Within the block, every call of pipe.unet returns its output with `.sample` replaced by
+    change(sample, x, t, *args, **kwargs); afterwards the UNet is as it was."""
+    unet, forward = pipe.unet, pipe.unet.forward
+
+    def changed_forward(x, t, *args, **kwargs):
+        out = forward(x, t, *args, **kwargs)
+        out.sample = change(out.sample, x, t, *args, **kwargs)
+        return out
+
+    patched_already = "forward" in vars(unet)  # e.g. an accelerate hook's wrapper: put it back as it was
+    unet.forward = changed_forward
+    try:
+        yield pipe
+    finally:
+        if patched_already:
+            unet.forward = forward
+        else:
+            del unet.forward  # back to the class's forward
 
 
 @dataclass
@@ -88,3 +113,11 @@ class Study:
 
     def score(self, images: torch.Tensor) -> dict:
         return score_images(self.fid, self.kid, images, self.extractor)
+
+    def keep(self, results: dict, run: dict, summary: str) -> None:
+        """Add a finished run to the results, print its one-line summary and rewrite --out, so that a killed study
+        keeps every run it finished."""
+        results["runs"].append(run)
+        print(summary, flush=True)
+        if self.args.out:
+            write_json_atomically(self.args.out, results)

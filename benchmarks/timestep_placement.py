@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
-from training.atomic_files import write_json_atomically  # noqa: E402
 
 
 def placed_timesteps(placement: str, steps: int, num_train_timesteps: int):
@@ -66,11 +65,8 @@ def main(argv=None):
         images = study.draw(timesteps=placed_timesteps(placement, args.steps, T))
         run = {"placement": placement, "timesteps": study.pipe.scheduler.timesteps.tolist(), **study.score(images),
                "pixels": pixel_shares(images), "seconds": round(time.time() - start, 1)}
-        results["runs"].append(run)
-        print(f"{placement}: {len(run['timesteps'])} steps {run['timesteps'][:2]}..{run['timesteps'][-3:]}  FID {run['fid']:.2f}  "
-              f"KID {run['kid']:.3f}  black {run['pixels']['black (<0.5)']:.3f}", flush=True)
-        if args.out:
-            write_json_atomically(args.out, results)
+        study.keep(results, run, f"{placement}: {len(run['timesteps'])} steps {run['timesteps'][:2]}..{run['timesteps'][-3:]}  "
+                                 f"FID {run['fid']:.2f}  KID {run['kid']:.3f}  black {run['pixels']['black (<0.5)']:.3f}")
     return results
 
 

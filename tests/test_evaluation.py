@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
 from training.evaluate import default_batch_size, parse_args
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
@@ -478,6 +478,40 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert [run["scale"] for run in saved["runs"]] == [1.0, 1.2] and saved == json.loads(json.dumps(results))
     assert all(run["fid"] > 0 and sum(run["pixels"].values()) == pytest.approx(1.0, abs=1e-6) for run in saved["runs"])
+
+
+def test_autoguidance_extrapolates_from_the_guide_and_refuses_a_guide_of_another_task(tmp_path):
+    """benchmarks/autoguidance.py: inside its block the UNet returns guide + w (model - guide), computed here from
+    the two UNets called separately, for the same x_t, t and labels; weight 1 and leaving the block restore the
+    model's own output; a guide with another prediction type or class count is refused by name; the script writes
+    one scored run per weight."""
+    from autoguidance import autoguided, check_guide_fits, main as guidance_main
+
+    pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
+    guide = tiny_pipeline(num_train_timesteps=20, seed=1, num_class_embeds=3)
+    x, t, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor(7), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        own = pipe.unet(x, t, class_labels=labels).sample
+        weak = guide.unet(x, t, class_labels=labels).sample
+        assert not torch.allclose(own, weak, atol=1e-3)
+        with autoguided(pipe, guide.unet, 2.0):
+            torch.testing.assert_close(pipe.unet(x, t, class_labels=labels).sample, weak + 2.0 * (own - weak))
+        with autoguided(pipe, guide.unet, 1.0):
+            torch.testing.assert_close(pipe.unet(x, t, class_labels=labels).sample, own)
+        torch.testing.assert_close(pipe.unet(x, t, class_labels=labels).sample, own)
+
+    check_guide_fits(pipe, guide)
+    other_task = DDPMCustomPipeline(tiny_unet(num_class_embeds=4), DDPMCustomScheduler(num_train_timesteps=20, prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="num_class_embeds.*prediction_type"):
+        check_guide_fits(pipe, other_task)
+
+    pipe.save_pretrained(tmp_path / "model")
+    guide.save_pretrained(tmp_path / "guide")
+    results = guidance_main(["--model", str(tmp_path / "model"), "--guide", str(tmp_path / "guide"), "--num-samples", "64",
+                             "--steps", "2", "--weights", "1", "3", "--device", "cpu", "--out", str(tmp_path / "ag.json")])
+    saved = json.loads((tmp_path / "ag.json").read_text())
+    assert [run["weight"] for run in saved["runs"]] == [1.0, 3.0] and saved == json.loads(json.dumps(results))
+    assert saved["setup"]["guide"] == str(tmp_path / "guide") and saved["runs"][0]["fid"] != saved["runs"][1]["fid"]
 
 
 def test_timestep_placement_benchmark_runs_the_chains_it_names(tmp_path):
