@@ -1,4 +1,4 @@
-"""What the sampler studies share (epsilon_scaling.py, timestep_placement.py, background_haze.py).
+"""What the sampler studies share (epsilon_scaling.py, timestep_placement.py, autoguidance.py, background_haze.py).
 
 Each draws N samples from a saved pipeline as training.evaluate draws them (same seeds, class labels
 cycling 0..9), scores them with the offline extractor against Fashion-MNIST's test split, and writes
