@@ -13,6 +13,7 @@ FID and KID with the offline extractor against Fashion-MNIST's test split.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -32,20 +33,22 @@ SHARED_SCHEDULE = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_e
 
 def check_guide_fits(pipe, guide_pipe) -> None:
     """A clear error naming every setting in which the guide differs from the model."""
-    differences = [f"unet.{k}: model {pipe.unet.config.get(k)!r}, guide {guide_pipe.unet.config.get(k)!r}"
-                   for k in SHARED_UNET if pipe.unet.config.get(k) != guide_pipe.unet.config.get(k)]
-    differences += [f"scheduler.{k}: model {pipe.scheduler.config.get(k)!r}, guide {guide_pipe.scheduler.config.get(k)!r}"
-                    for k in SHARED_SCHEDULE if pipe.scheduler.config.get(k) != guide_pipe.scheduler.config.get(k)]
+    differences = []
+    for part, keys in (("unet", SHARED_UNET), ("scheduler", SHARED_SCHEDULE)):
+        ours, guides = getattr(pipe, part).config, getattr(guide_pipe, part).config
+        differences += [f"{part}.{k}: model {ours.get(k)!r}, guide {guides.get(k)!r}" for k in keys if ours.get(k) != guides.get(k)]
     if differences:
         raise ValueError("The guide must be a model of the same task (same noise schedule, prediction type, image "
                          "shape and classes); train it with the model's settings. It differs in: " + "; ".join(differences))
 
 
 def autoguided(pipe, guide, weight: float):
-    """Within the block, pipe.unet's outputs are guide + weight (output - guide); weight 1 leaves them alone."""
+    """Within the block, pipe.unet's outputs are guide + weight (output - guide); weight 1 is the model alone, so the
+    UNet is left unpatched and the guide never called."""
+    if weight == 1.0:
+        return contextlib.nullcontext(pipe)
+
     def guided(out, x, t, *args, **kwargs):
-        if weight == 1.0:
-            return out
         weak = guide(x.to(guide.dtype), t, *args, **kwargs).sample.to(out.dtype)
         return weak + weight * (out - weak)
 
@@ -69,7 +72,7 @@ def main(argv=None):
     study = Study.open(args)
     guide_pipe = DDPMCustomPipeline.from_pretrained(args.guide)
     check_guide_fits(study.pipe, guide_pipe)
-    guide = guide_pipe.unet.to(study.device).eval()
+    guide = guide_pipe.unet.to(study.device)  # from_pretrained leaves it in eval mode
     results = {"setup": study.setup(guide=args.guide, guide_parameters=sum(p.numel() for p in guide.parameters())),
                "runs": []}
     for weight in args.weights:
