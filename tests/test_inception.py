@@ -48,11 +48,14 @@ def test_inception_features_are_computed_once_per_batch_for_fid_and_kid():
     assert calls == [4]
 
 
-def test_prepare_rounds_real_images_back_to_their_pixels():
-    """A real image's pixels (k / 255 as floats) come back as k: truncating, as torchmetrics' normalize=True does,
-    turns some into k - 1."""
-    pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    assert torch.equal(InceptionFeatures.prepare(pixels.float() / 255)[:, :1], pixels)
+def test_prepare_rounds_to_the_nearest_level_and_keeps_real_pixels():
+    """Real pixels (k / 255) come back as k; a generated value rounds to the nearest level, as when the sample is
+    saved as PNG (truncating, as torchmetrics' normalize=True does, would turn (k + 0.6) / 255 into k)."""
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    assert torch.equal(InceptionFeatures.prepare(levels.float() / 255)[:, :1], levels)
+    nudged = (levels[..., :-1].float() + 0.6) / 255
+    assert torch.equal(InceptionFeatures.prepare(nudged)[:, :1], levels[..., :-1] + 1)
+    assert InceptionFeatures.prepare(torch.tensor([-0.2, 1.3]).reshape(1, 1, 1, 2)).flatten().tolist() == [0, 255] * 3
 
 
 def test_evaluate_with_the_inception_extractor_reports_fid_kid_and_floor(tmp_path, monkeypatch):

@@ -174,7 +174,10 @@ class CachedReferenceFID:
 
 
 def feed(metric_pair, images, real: bool, extractor, batch: int = 1000):
-    for start in range(0, len(images), batch):
+    # a bar only where features are slow: Inception takes about 10 images/s on two cores, the offline net thousands
+    starts = tqdm(range(0, len(images), batch), desc=f"Inception features ({'real' if real else 'generated'})",
+                  unit_scale=batch, leave=False, disable=not isinstance(extractor, InceptionFeatures))
+    for start in starts:
         chunk = to_metric_input(images[start:start + batch], extractor)
         for metric in metric_pair:
             metric.update(chunk, real=real)

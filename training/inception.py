@@ -144,7 +144,8 @@ class InceptionFeatures(torch.nn.Module):
     `antialias=False`), as the original TensorFlow FID code did; torchmetrics' own default resizes with torch's
     antialiased bilinear, which does not match TensorFlow when upsampling 28-pixel images.
 
-    FID and KID share one instance, and each is fed the same batch: its features are computed once, not twice."""
+    FID and KID share one instance, and each is fed the same batch: its features are computed once, not twice
+    (the batch is recognised by identity, so it must not be changed in place between the two calls)."""
 
     num_features = 2048  # read by torchmetrics
     chunk = 100  # images per forward pass: 1,000 at 299 pixels would hold several GB of activations
@@ -161,8 +162,9 @@ class InceptionFeatures(torch.nn.Module):
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
         """(B, 1 or 3, H, W) floats in [0, 1] to the uint8 RGB the network takes: grayscale repeated to three
-        channels, values rounded as images are when saved (torchmetrics' normalize=True truncates, which turns a
-        real image's 255/255 into 254 whenever the float product falls a hair short)."""
+        channels, values rounded to the nearest level, as a sample saved as PNG is. torchmetrics' normalize=True
+        truncates instead, which darkens generated images by half a level on average (real ones, k / 255, come
+        back exact either way)."""
         return (images.expand(-1, 3, -1, -1) * 255).round().clamp(0, 255).to(torch.uint8)
 
     @torch.no_grad()
