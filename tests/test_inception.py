@@ -28,6 +28,7 @@ def test_converted_weights_give_the_torchscript_ports_features_and_are_converted
     assert features.shape == (3, 2048)
     assert torch.allclose(features, reference, atol=1e-4, rtol=1e-4), (features - reference).abs().max()
     assert features.std(0).mean() > 0.01  # distinct images give distinct features (not a constant network)
+    assert extractor.net.use_antialias is False  # smaller images are resized with TensorFlow 1's bilinear
 
     state = torch.load(converted)
     assert torch.isnan(state["fc.weight"]).all()  # no classifier: logits can only be NaN, never a wrong number
