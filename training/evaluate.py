@@ -76,15 +76,32 @@ def load_extractor(name: str, device):
     raise ValueError(f"Unknown extractor {name!r}: use offline or inception.")
 
 
+class FeaturesOncePerBatch(torch.nn.Module):
+    """`extractor` as FID and KID share it: feed() gives both the same batch, whose features are computed for the
+    first and reused for the second (recognised by identity, so a batch must not change in place in between)."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = extractor.num_features  # read by torchmetrics
+        self._last = (None, None)  # (the batch, its features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self._last[0] is not images:
+            self._last = (images, self.extractor(images))
+        return self._last[1]
+
+
 def make_metrics(extractor, num_samples: int, device):
-    """torchmetrics' FID and KID computed on `extractor`'s features."""
+    """torchmetrics' FID and KID computed on `extractor`'s features, each batch's features computed once for both."""
     allow_torch_fidelity_without_torchvision()  # before torchmetrics.image, which imports torch-fidelity if installed
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    shared = FeaturesOncePerBatch(extractor)
     # reset_real_features=False: the reference is fed once and kept across reset()
-    fid = FrechetInceptionDistance(feature=extractor, reset_real_features=False).to(device)
-    kid = KernelInceptionDistance(feature=extractor, reset_real_features=False, subset_size=min(1000, num_samples)).to(device)
+    fid = FrechetInceptionDistance(feature=shared, reset_real_features=False).to(device)
+    kid = KernelInceptionDistance(feature=shared, reset_real_features=False, subset_size=min(1000, num_samples)).to(device)
     return fid, kid
 
 

@@ -66,14 +66,14 @@ def allow_torch_fidelity_without_torchvision() -> None:
     needs only torch. PyPI has no CPU torchvision for a CPU-only torch, so on such a machine `import torch_fidelity`
     fails, and with it every import of torchmetrics' image metrics. There, the package is registered without running
     its __init__; its submodules then import as usual. Call this before importing torchmetrics.image."""
-    if "torch_fidelity" in sys.modules or importlib.util.find_spec("torch_fidelity") is None:
+    spec = None if "torch_fidelity" in sys.modules else importlib.util.find_spec("torch_fidelity")
+    if spec is None:
         return
     try:
         import torch_fidelity  # noqa: F401
     except ModuleNotFoundError as error:
         if error.name != "torchvision":
             raise
-        spec = importlib.util.find_spec("torch_fidelity")
         sys.modules["torch_fidelity"] = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
 
 
@@ -142,10 +142,7 @@ class InceptionFeatures(torch.nn.Module):
     """Pool3 features (2048) of torchmetrics' InceptionV3 (torch-fidelity's port) with the weights above, for uint8
     RGB images of any size. It resizes to 299 with torch-fidelity's TensorFlow-1 bilinear (torchmetrics'
     `antialias=False`), as the original TensorFlow FID code did; torchmetrics' own default resizes with torch's
-    antialiased bilinear, which does not match TensorFlow when upsampling 28-pixel images.
-
-    FID and KID share one instance, and each is fed the same batch: its features are computed once, not twice
-    (the batch is recognised by identity, so it must not be changed in place between the two calls)."""
+    antialiased bilinear, which does not match TensorFlow when upsampling 28-pixel images."""
 
     num_features = 2048  # read by torchmetrics
     chunk = 100  # images per forward pass: 1,000 at 299 pixels would hold several GB of activations
@@ -157,7 +154,6 @@ class InceptionFeatures(torch.nn.Module):
 
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=ensure_inception_weights(), antialias=False)
-        self._last = (None, None)  # (the batch, its features)
 
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
@@ -169,7 +165,4 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self._last[0] is not images:
-            features = torch.cat([self.net(images[i:i + self.chunk]) for i in range(0, len(images), self.chunk)])
-            self._last = (images, features)
-        return self._last[1]
+        return torch.cat([self.net(images[i:i + self.chunk]) for i in range(0, len(images), self.chunk)])
