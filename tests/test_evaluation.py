@@ -14,13 +14,30 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
-from training.evaluate import default_batch_size, parse_args
+from training.evaluate import class_histogram, default_batch_size, make_metrics, parse_args
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
 from .conftest import tiny_pipeline, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tf32Recorder(torch.nn.Module):
+    """A stand-in feature net and classifier that notes whether TF32 was allowed when it ran."""
+
+    num_features = 2
+    config = type("Config", (), {"num_classes": 2})
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return images.flatten(1)[:, :2].double()
+
+    classify = forward
 
 
 def test_shipped_feature_net_recognises_fashion_mnist():
@@ -689,3 +706,20 @@ def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsy
     with pytest.raises(SystemExit):
         spread_main(["--num-samples", "205", "--seeds", "4", "--balanced", "--device", "cpu"])
     assert "multiple of the 10 classes" in capsys.readouterr().err
+
+
+def test_features_and_classes_are_computed_without_tf32_and_the_setting_restored():
+    """Sampling may use TF32 on a GPU (main() allows it for matrix products; cuDNN allows it for convolutions by
+    default), but features and class predictions must not: a FID would then depend on the card."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        recorder = Tf32Recorder()
+        fid, kid = make_metrics(recorder, 4, torch.device("cpu"))
+        images = torch.rand(4, 1, 28, 28)
+        fid.update(images, real=True), kid.update(images, real=True)
+        class_histogram(images, recorder)
+        assert recorder.seen == [(False, False)] * 2  # once for FID and KID together, once for the classes
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

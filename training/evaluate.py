@@ -15,6 +15,7 @@ class-conditional model, uniformly cycling class labels.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -88,8 +89,21 @@ class FeaturesOncePerBatch(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self._last[0] is not images:
-            self._last = (images, self.extractor(images))
+            with full_fp32():
+                self._last = (images, self.extractor(images))
         return self._last[1]
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off for matrix products and cuDNN convolutions (cuDNN's is on by default): on a GPU, features computed in
+    TF32 are slightly off fp32, and a FID should not depend on the card. Sampling keeps TF32 (main() turns it on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def make_metrics(extractor, num_samples: int, device):
@@ -234,7 +248,7 @@ def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, 
 
 
 def class_histogram(images: torch.Tensor, classifier) -> list:
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32():
         predictions = torch.cat([classifier.classify(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
     return (torch.bincount(predictions.cpu(), minlength=classifier.config.num_classes).float() / len(predictions)).tolist()
 
