@@ -723,3 +723,24 @@ def test_features_and_classes_are_computed_without_tf32_and_the_setting_restored
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_kid_of_the_same_images_is_the_same_whatever_ran_before():
+    """KID averages over random subsets drawn from torch's global generator; evaluate draws them from a fixed seed,
+    so a resumed or reordered evaluation reproduces each row's KID, and leaves the caller's generator as it was."""
+    from training.evaluate import score_images
+
+    extractor = Tf32Recorder()
+    extractor.forward = lambda images: images.flatten(1)[:, :2].double()
+    fid, kid = make_metrics(extractor, 4, torch.device("cpu"))  # subsets of 4 out of 12: draws matter
+    generator = torch.Generator().manual_seed(0)
+    fid.update(torch.rand(12, 1, 28, 28, generator=generator), real=True)
+    kid.update(torch.rand(12, 1, 28, 28, generator=generator), real=True)
+    images = torch.rand(12, 1, 28, 28, generator=generator)
+    torch.manual_seed(1)
+    first = score_images(fid, kid, images, extractor)
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    assert score_images(fid, kid, images, extractor) == first
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_first)  # the global generator untouched

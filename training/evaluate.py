@@ -33,6 +33,7 @@ from training.inception import INSTALL_HINT, InceptionFeatures, allow_torch_fide
 
 
 REFERENCE_IMAGES = 10_000  # every FID here is against the whole 10,000-image reference split (tests use fewer)
+KID_SUBSET_SEED = 0  # the seed of KID's random subsets, the same for every run
 SAMPLING_SETTINGS = ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")
 
 # --scheduler: "model" keeps the model's own scheduler, whose eta picks DDIM (0), DDPM ancestral (1) or
@@ -225,7 +226,11 @@ def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
     """FID and KID of `images` against the reference already fed to both metrics (kept across resets)."""
     fid.reset(), kid.reset()
     feed((fid, kid), images, False, extractor)
-    kid_mean, kid_std = kid.compute()
+    # KID averages over random subsets, which torchmetrics draws from torch's global generator: drawn from a fixed
+    # seed (the caller's generator left as it was), the same images always give the same KID
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(KID_SUBSET_SEED)
+        kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
