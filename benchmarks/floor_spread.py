@@ -30,7 +30,7 @@ def floors(num_samples: int, seeds, device, extractor_name: str = "offline", bal
     rows = []
     for seed in seeds:
         real = floor_images("test", num_samples, seed, device, balanced=balanced)
-        rows.append({"evaluate_seed": seed, **score_images(fid, kid, real, extractor)})
+        rows.append({"evaluate_seed": seed, **score_images(fid, kid, real, extractor, real=True)})
         print(f"evaluate --seed {seed}: floor FID {rows[-1]['fid']:.3f}  KID {rows[-1]['kid']:.3f}", flush=True)
     return rows
 

