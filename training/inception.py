@@ -88,7 +88,7 @@ def default_weights_path() -> str:
 
 
 def features_cache_dir() -> str:
-    """Where InceptionFeatures.remembering() keeps features, one folder per weights file."""
+    """Where InceptionFeatures.remembering() keeps features, one folder per weights file and torchmetrics version."""
     return os.path.join(cache_root(), "inception-features")
 
 
@@ -168,12 +168,15 @@ class InceptionFeatures(torch.nn.Module):
     def __init__(self, cache_dir: str = None):
         super().__init__()
         allow_torch_fidelity_without_torchvision()
+        import torchmetrics
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         weights = ensure_inception_weights()
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=weights, antialias=False)
-        self.remembered = os.path.join(cache_dir or features_cache_dir(), file_sha256(weights)[:16])
+        # features depend on the weights and on torchmetrics' code (resize, normalisation): a folder for each pair
+        version = f"{file_sha256(weights)}:torchmetrics {torchmetrics.__version__}:antialias False"
+        self.remembered = os.path.join(cache_dir or features_cache_dir(), hashlib.sha256(version.encode()).hexdigest()[:16])
         self._remembering = False
 
     @contextlib.contextmanager
