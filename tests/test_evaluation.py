@@ -107,6 +107,59 @@ def test_evaluate_resume_keeps_finished_runs_and_refuses_another_setup(tmp_path)
         evaluate_main([*common, "--steps", "2", "--seed", "1", "--resume"])
 
 
+class Killed(Exception):
+    """What a killed process would not get to see: raised from inside the sampling loop."""
+
+
+def test_a_killed_row_resumes_from_its_finished_batches(tmp_path, monkeypatch):
+    """A row killed midway keeps its finished batches: --resume samples only the rest and scores exactly what an
+    uninterrupted run scores, then deletes them. Nothing is taken without --resume, for another row, or once the
+    weights in the model folder have changed."""
+    model = tmp_path / "model"
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(model)
+    common = ["--model", str(model), "--num-samples", "20", "--eta", "1", "--batch-size", "5", "--device", "cpu"]
+    out = tmp_path / "row.json"
+    evaluate_main([*common, "--steps", "3", "--out", str(tmp_path / "whole.json")])
+    whole = json.loads((tmp_path / "whole.json").read_text())["runs"][0]
+
+    calls, kill_after = [], [None]
+    real_call = DDPMCustomPipeline.__call__
+
+    def pipeline_call(self, *args, **kwargs):
+        if kill_after[0] is not None and len(calls) == kill_after[0]:
+            raise Killed
+        calls.append(kwargs["generator"][0].initial_seed())  # the batch's first image
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDPMCustomPipeline, "__call__", pipeline_call)
+
+    def run(*extra, kill=None):
+        calls.clear()
+        kill_after[0] = kill
+        if kill is None:
+            evaluate_main([*common, "--out", str(out), *extra])
+        else:
+            with pytest.raises(Killed):
+                evaluate_main([*common, "--out", str(out), *extra])
+        return list(calls)
+
+    assert run("--steps", "3", kill=2) == [0, 5]
+    assert run("--steps", "3", "--resume") == [10, 15]
+    resumed = json.loads(out.read_text())["runs"][0]
+    assert (resumed["fid"], resumed["kid"], resumed["class_histogram"]) == (whole["fid"], whole["kid"], whole["class_histogram"])
+    assert resumed["batches_from_interrupted_run"] == 2
+    assert not os.path.exists(f"{out}.batches")  # the row is saved: its batches are gone
+
+    out.unlink()
+    run("--steps", "3", kill=2)
+    assert run("--steps", "2", "--resume") == [0, 5, 10, 15]  # another row samples its own
+    assert os.path.isdir(f"{out}.batches")  # the interrupted row's batches wait for it
+    tiny_pipeline(num_train_timesteps=20, seed=1).save_pretrained(model)
+    assert run("--steps", "3", "--resume") == [0, 5, 10, 15]  # new weights under the same name: a new row
+    run("--steps", "3", kill=2)
+    assert run("--steps", "3") == [0, 5, 10, 15]  # without --resume every row starts over
+
+
 def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_path):
     """--scheduler swaps in one of diffusers' multistep solvers built from the model's scheduler config (so
     v-prediction and the beta schedule carry over): the images scored are those of the pipeline with that

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from training import data
 from training.atomic_files import write_atomically, write_json_atomically
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 from training.inception import INSTALL_HINT, InceptionFeatures, allow_torch_fidelity_without_torchvision
+from training.sample_batches import SampleBatches, all_batches_folder, weights_digest
 
 
 REFERENCE_IMAGES = 10_000  # every FID here is against the whole 10,000-image reference split (tests use fewer)
@@ -242,19 +244,26 @@ def score_images(fid, kid, images: torch.Tensor, extractor, real: bool = False) 
 
 @torch.no_grad()
 def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, guidance_scale: float,
-           timesteps=None, **pipeline_kwargs) -> torch.Tensor:
+           timesteps=None, batches: SampleBatches = None, **pipeline_kwargs) -> torch.Tensor:
     """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
     replaces the scheduler's own spacing of `steps`; `eta` is None for a scheduler that takes none (a solver).
-    `pipeline_kwargs` go to every pipeline call (a study's step callback)."""
+    `batches`: where finished batches are kept and, from an interrupted run, taken instead of sampled again
+    (per-image seeds make a batch the same whenever it is sampled). `pipeline_kwargs` go to every pipeline call
+    (a study's step callback)."""
     classes = pipe.unet.config.num_class_embeds
     chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
     desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps" + ("" if eta is None else f", eta {eta}")
     for start in tqdm(range(0, num_samples, batch_size), desc=desc, leave=False):
         idx = list(range(start, min(start + batch_size, num_samples)))
-        out.append(pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
-                        eta=eta, class_labels=[i % classes for i in idx] if classes else None,
-                        guidance_scale=guidance_scale, output_type="pt", **chain, **pipeline_kwargs).images)
+        images = batches.load(start, len(idx), pipe.device) if batches else None
+        if images is None:
+            images = pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
+                          eta=eta, class_labels=[i % classes for i in idx] if classes else None,
+                          guidance_scale=guidance_scale, output_type="pt", **chain, **pipeline_kwargs).images
+            if batches:
+                batches.save(start, images)
+        out.append(images)
     return torch.cat(out)
 
 
@@ -333,6 +342,8 @@ def main(argv=None):
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
+    elif args.out:
+        shutil.rmtree(all_batches_folder(args.out), ignore_errors=True)  # starting over: no batch of an earlier run is kept
 
     def save():
         if args.out:
@@ -351,23 +362,36 @@ def main(argv=None):
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, args.scheduler, args.timestep_spacing)
+    # the scheduler settings that change samples without changing the model folder's name
+    scheduler = {"class": type(pipe.scheduler).__name__, **{k: pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}
+    weights = weights_digest(pipe.unet) if args.out else None
     for eta in args.eta:
         for steps in args.steps:
             label = sampler_label(args.scheduler, eta)
             if already_measured(results["runs"], label, steps, pipe.scheduler.config.timestep_spacing):
                 continue
+            batches, resumed = None, 0
+            if args.out:  # a killed row resumes from its finished batches
+                batches = SampleBatches.for_row(args.out, {
+                    "setup": setup, "weights": weights, "sampler": label, "eta": eta, "steps": steps,
+                    "scheduler": scheduler, "batch_size": args.batch_size, "device": device.type})
+                resumed = batches.count()
+                if resumed:
+                    print(f"{label} {steps} steps: {resumed} finished batches of an interrupted run "
+                          f"taken from {batches.folder}", flush=True)
             start = time.time()
-            images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale)
+            images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale,
+                            batches=batches)
             run = {"sampler": label, "eta": eta,
                    "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
-                   "seconds": round(time.time() - start, 1), "device": str(device),
-                   # the scheduler settings that change samples without changing the model folder's name
-                   "scheduler": {"class": type(pipe.scheduler).__name__,
-                                 **{k: pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}}
+                   "seconds": round(time.time() - start, 1), "device": str(device), "scheduler": scheduler,
+                   **({"batches_from_interrupted_run": resumed} if resumed else {})}  # not in "seconds"
             results["runs"].append(run)
             print(f"{run['sampler']:>15} {steps:>5} steps: FID {run['fid']:.3f}  KID {run['kid']:.5f}  "
                   f"classes {min(run['class_histogram']):.3f}..{max(run['class_histogram']):.3f}", flush=True)
             save()
+            if batches:
+                batches.discard()
     if args.plot:
         plot_curve(results, args.plot, compare=[(label, json.load(open(path))) for label, path in args.compare])
     return results
