@@ -111,7 +111,7 @@ class Killed(Exception):
     """What a killed process would not get to see: raised from inside the sampling loop."""
 
 
-def test_a_killed_row_resumes_from_its_finished_batches(tmp_path, monkeypatch):
+def test_a_killed_row_resumes_from_its_finished_batches(tmp_path, monkeypatch, capsys):
     """A row killed midway keeps its finished batches: --resume samples only the rest and scores exactly what an
     uninterrupted run scores, then deletes them. Nothing is taken without --resume, for another row, or once the
     weights in the model folder have changed."""
@@ -157,7 +157,9 @@ def test_a_killed_row_resumes_from_its_finished_batches(tmp_path, monkeypatch):
     tiny_pipeline(num_train_timesteps=20, seed=1).save_pretrained(model)
     assert run("--steps", "3", "--resume") == [0, 5, 10, 15]  # new weights under the same name: a new row
     run("--steps", "3", kill=2)
-    assert run("--steps", "3") == [0, 5, 10, 15]  # without --resume every row starts over
+    capsys.readouterr()
+    assert run("--steps", "3") == [0, 5, 10, 15]  # without --resume every row starts over, and says what it deleted
+    assert f"Deleted the sample batches of an interrupted run in {out}.batches" in capsys.readouterr().out
 
 
 def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_path):

@@ -342,8 +342,10 @@ def main(argv=None):
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
-    elif args.out:
-        shutil.rmtree(all_batches_folder(args.out), ignore_errors=True)  # starting over: no batch of an earlier run is kept
+    elif args.out and os.path.isdir(all_batches_folder(args.out)):  # starting over: no batch of an earlier run is kept
+        shutil.rmtree(all_batches_folder(args.out))
+        print(f"Deleted the sample batches of an interrupted run in {all_batches_folder(args.out)} "
+              "(--resume keeps them).", flush=True)
 
     def save():
         if args.out:
