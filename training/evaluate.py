@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ from training import data
 from training.atomic_files import write_atomically, write_json_atomically
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 from training.inception import INSTALL_HINT, InceptionFeatures, allow_torch_fidelity_without_torchvision
-from training.sample_batches import SampleBatches, all_batches_folder, weights_digest
+from training.sample_batches import SampleBatches, all_batches_folder, discard_all, weights_digest
 
 
 REFERENCE_IMAGES = 10_000  # every FID here is against the whole 10,000-image reference split (tests use fewer)
@@ -342,8 +341,7 @@ def main(argv=None):
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
-    elif args.out and os.path.isdir(all_batches_folder(args.out)):  # starting over: no batch of an earlier run is kept
-        shutil.rmtree(all_batches_folder(args.out))
+    elif args.out and discard_all(args.out):  # starting over: no batch of an earlier run is kept
         print(f"Deleted the sample batches of an interrupted run in {all_batches_folder(args.out)} "
               "(--resume keeps them).", flush=True)
 

@@ -72,3 +72,12 @@ class SampleBatches:
 
 def all_batches_folder(results_path: str) -> str:
     return f"{results_path}.batches"
+
+
+def discard_all(results_path: str) -> bool:
+    """Every row's batches of `results_path` (a run that starts over keeps none); whether there were any."""
+    folder = all_batches_folder(results_path)
+    if not os.path.isdir(folder):
+        return False
+    shutil.rmtree(folder)
+    return True
