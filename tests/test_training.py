@@ -86,6 +86,19 @@ def test_idx_files_become_the_hub_schema(tmp_path):
     np.testing.assert_array_equal(np.asarray(again[1]["image"]), images[1])
 
 
+def test_a_folder_with_one_split_of_idx_files_loads_that_split(tmp_path):
+    """A folder holding only the test split's IDX files (what an evaluation needs) is still read as IDX files,
+    and asking it for the missing split says which files are missing where."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([4, 5, 6], dtype=np.uint8))
+    ds = data.load_training_dataset(str(tmp_path), None, split="test", cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(np.asarray(ds[2]["image"]), images[2])
+    assert ds["label"] == [4, 5, 6]
+    with pytest.raises(FileNotFoundError, match=f"No train images IDX file in {tmp_path}"):
+        data.load_training_dataset(str(tmp_path), None, split="train", cache_dir=str(tmp_path / "cache"))
+
+
 def test_real_fashion_mnist_idx_files_are_read():
     assert os.path.isdir(data.FASHION_MNIST_IDX), "make setup installs Debian's dataset-fashion-mnist"
     ds = data.fashion_mnist_from_idx(data.FASHION_MNIST_IDX, "test")

@@ -15,6 +15,7 @@ from PIL import Image as PILImage
 
 FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+IDX_IMAGE_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")  # how a folder of IDX files is recognised
 FASHION_MNIST_CLASSES = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -73,8 +74,8 @@ def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[
         if os.path.isdir(FASHION_MNIST_IDX):
             return fashion_mnist_from_idx(FASHION_MNIST_IDX, split, cache_dir)
         dataset_name = FASHION_MNIST_HUB
-    if os.path.isdir(dataset_name) and any(f.startswith("train-images-idx3-ubyte") for f in os.listdir(dataset_name)):
-        return fashion_mnist_from_idx(dataset_name, split, cache_dir)  # a folder of (Fashion-)MNIST IDX files
+    if os.path.isdir(dataset_name) and any(f.startswith(IDX_IMAGE_FILES) for f in os.listdir(dataset_name)):
+        return fashion_mnist_from_idx(dataset_name, split, cache_dir)  # a folder of (Fashion-)MNIST IDX files, either split
     if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_info.json")):
         return load_from_disk(dataset_name)
     if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_dict.json")):

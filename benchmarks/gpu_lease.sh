@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The shipped weights' 10,000-sample FID rows that two CPU cores need about 13 hours for (DDIM at 250 steps, both
+# samplers at 1000), sized for a 15-minute GPU lease: on an H100 about 1 minute for DDIM-250 and 4 for each
+# 1000-step row at batch 2000 (the three-stage weights' curve, README *FID against steps*).
+#
+#   bash benchmarks/gpu_lease.sh prepare         here: the wheels the GPU image lacks (into .whl/) and Fashion-MNIST's
+#                                                test split (into .fmnist/), both gitignored; about 12 MB to carry
+#   bash benchmarks/gpu_lease.sh curve STEPS.. -- ETAS..
+#                                                there (device run, carry [".whl", ".fmnist"]), e.g.
+#                                                `curve 250 1000 -- 0` (about 5 minutes), then `curve 1000 -- 1`
+#
+# `curve` writes the results file, with the rows already measured, under $OUT (rewritten after every row, so a
+# run stopped at its time limit still brings back the rows it finished) and the plot beside it; copy both over
+# benchmarks/results/ and commit. The rows record device "cuda": a GPU's FID equals the CPU's for the same
+# weights and seeds (9.11 against 9.12, README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=benchmarks/results/fid-cpu-10k-ft15.json
+BUNDLE=/tmp/ft15-bundle  # the --model every row of $RESULTS was measured with (--resume wants the same setup)
+
+case "${1:-}" in
+prepare)
+    rm -rf .whl .fmnist && mkdir -p .whl .fmnist
+    # pure-Python wheels at the versions CI tests with; the image has torch, torchmetrics, pyarrow, pandas, ...
+    # (device KINDS.md); importlib_metadata 10 would need lazy-importer, which it lacks, and Python 3.12 needs neither
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 "importlib_metadata<10"
+    cp /usr/share/datasets/fashion-mnist/t10k-* .fmnist/
+    du -sh .whl .fmnist
+    ;;
+curve)
+    shift
+    steps=() etas=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do steps+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    etas=("$@")
+    if [ ${#steps[@]} -eq 0 ] || [ ${#etas[@]} -eq 0 ]; then
+        echo "usage: $0 curve STEPS.. -- ETAS..   (e.g. curve 250 1000 -- 0)" >&2; exit 2
+    fi
+    [ -d .fmnist ] || { echo ".fmnist/ is missing: run '$0 prepare' here and carry .fmnist and .whl" >&2; exit 2; }
+    if ! python3 -c "import diffusers, datasets" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    export PYTHONUNBUFFERED=1
+    python3 -m pip list 2>/dev/null | grep -i -E "^(torch|diffusers|datasets|pyarrow|fsspec|torchmetrics) " || true
+    out=${OUT:-outputs/lease}
+    mkdir -p "$out"
+    rm -rf "$BUNDLE" && cp -r models/ddpm-fashion-mnist "$BUNDLE"
+    [ -f "$out/$(basename $RESULTS)" ] || cp "$RESULTS" "$out/"
+    python3 -m training.evaluate --model "$BUNDLE" --num-samples 10000 --batch-size 2000 --resume \
+        --steps "${steps[@]}" --eta "${etas[@]}" --dataset-name .fmnist \
+        --out "$out/$(basename $RESULTS)" --plot "$out/fid_vs_steps_10k_ft15.png" \
+        --compare "three-stage weights (H100)=benchmarks/results/fid-h100-10k-ft5000.json"
+    ;;
+*)
+    echo "usage: $0 prepare | curve STEPS.. -- ETAS.." >&2; exit 2
+    ;;
+esac
