@@ -10,8 +10,9 @@
 #                                                `curve 250 1000 -- 0` (about 5 minutes), then `curve 1000 -- 1`
 #
 # `curve` writes the results file, with the rows already measured, under $OUT (rewritten after every row, so a
-# run stopped at its time limit still brings back the rows it finished) and the plot beside it; copy both over
-# benchmarks/results/ and commit. The rows record device "cuda": a GPU's FID equals the CPU's for the same
+# run stopped at its time limit still brings back the rows it finished) and the plot beside it. Copy both over
+# benchmarks/results/ after each call, before the next: a call starts from the working tree's results file (the
+# device empties $OUT between calls), so the second call then keeps the first one's rows. Commit at the end. The rows record device "cuda": a GPU's FID equals the CPU's for the same
 # weights and seeds (9.11 against 9.12, README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
