@@ -23,7 +23,9 @@ case "${1:-}" in
 prepare)
     rm -rf .whl .fmnist && mkdir -p .whl .fmnist
     # pure-Python wheels at the versions CI tests with; the image has torch, torchmetrics, pyarrow, pandas, ...
-    # (device KINDS.md); importlib_metadata 10 would need lazy-importer, which it lacks, and Python 3.12 needs neither
+    # (device KINDS.md); importlib_metadata 10 would need lazy-importer, which it lacks, and Python 3.12 needs neither.
+    # datasets 5.2 wants pyarrow>=24 and fsspec<=2026.9.0: `curve` prints the image's versions first; if they are off,
+    # add their cp312 manylinux wheels here (pyarrow's is about 42 MB, inside the 64 MiB a call carries)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
         diffusers==0.42.1 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 "importlib_metadata<10"
