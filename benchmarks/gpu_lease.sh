@@ -12,8 +12,8 @@
 # `curve` writes the results file, with the rows already measured, under $OUT (rewritten after every row, so a
 # run stopped at its time limit still brings back the rows it finished) and the plot beside it. Copy both over
 # benchmarks/results/ after each call, before the next: a call starts from the working tree's results file (the
-# device empties $OUT between calls), so the second call then keeps the first one's rows. Commit at the end. The rows record device "cuda": a GPU's FID equals the CPU's for the same
-# weights and seeds (9.11 against 9.12, README).
+# device empties $OUT between calls), so the second call then keeps the first one's rows. Commit at the end.
+# The rows record device "cuda": a GPU's FID equals the CPU's for the same weights and seeds (9.11 against 9.12, README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=benchmarks/results/fid-cpu-10k-ft15.json
@@ -34,7 +34,7 @@ prepare)
     ;;
 curve)
     shift
-    steps=() etas=()
+    steps=()
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do steps+=("$1"); shift; done
     [ $# -gt 0 ] && shift
     etas=("$@")

@@ -15,7 +15,6 @@ from PIL import Image as PILImage
 
 FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
-IDX_IMAGE_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")  # how a folder of IDX files is recognised
 FASHION_MNIST_CLASSES = ["T - shirt / top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -30,12 +29,21 @@ def read_idx(path: str) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8).reshape(shape)
 
 
+def idx_prefix(split: str) -> str:
+    """The original IDX files' name for a split: train, or t10k for the test split."""
+    return "train" if split == "train" else "t10k"
+
+
+def idx_file_stem(split: str, kind: str) -> str:
+    """The original name (before any .gz) of one split's IDX file of `kind` (images or labels)."""
+    return f"{idx_prefix(split)}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+
+
 def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train", cache_dir: Optional[str] = None) -> Dataset:
     """Fashion-MNIST from its original IDX files, with the Hub dataset's schema (image, label).
 
     The conversion (8 s for the train split) is cached with ``save_to_disk`` and memory-mapped later.
     """
-    prefix = "train" if split == "train" else "t10k"
     cache_root = cache_dir or os.environ.get("HF_DATASETS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "datasets")
     stamp = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
     cached = os.path.join(cache_root, "pipeline_ddpm_custom", f"fashion_mnist-{split}-{stamp}")
@@ -43,10 +51,10 @@ def fashion_mnist_from_idx(folder: str = FASHION_MNIST_IDX, split: str = "train"
         return load_from_disk(cached)
 
     def find(kind):
-        for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz", f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"):
+        for name in (idx_file_stem(split, kind) + ".gz", idx_file_stem(split, kind)):
             if os.path.exists(os.path.join(folder, name)):
                 return os.path.join(folder, name)
-        raise FileNotFoundError(f"No {prefix} {kind} IDX file in {folder}.")
+        raise FileNotFoundError(f"No {idx_prefix(split)} {kind} IDX file in {folder}.")
 
     images, labels = read_idx(find("images")), read_idx(find("labels"))
     if len(images) != len(labels):
@@ -74,7 +82,8 @@ def load_training_dataset(dataset_name: Optional[str], train_data_dir: Optional[
         if os.path.isdir(FASHION_MNIST_IDX):
             return fashion_mnist_from_idx(FASHION_MNIST_IDX, split, cache_dir)
         dataset_name = FASHION_MNIST_HUB
-    if os.path.isdir(dataset_name) and any(f.startswith(IDX_IMAGE_FILES) for f in os.listdir(dataset_name)):
+    idx_images = (idx_file_stem("train", "images"), idx_file_stem("test", "images"))
+    if os.path.isdir(dataset_name) and any(f.startswith(idx_images) for f in os.listdir(dataset_name)):
         return fashion_mnist_from_idx(dataset_name, split, cache_dir)  # a folder of (Fashion-)MNIST IDX files, either split
     if os.path.isdir(dataset_name) and os.path.exists(os.path.join(dataset_name, "dataset_info.json")):
         return load_from_disk(dataset_name)
