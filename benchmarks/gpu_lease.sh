@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The shipped weights' 10,000-sample FID rows that two CPU cores need about 13 hours for (DDIM at 250 steps, both
-# samplers at 1000), sized for a 15-minute GPU lease: on an H100 about 1 minute for DDIM-250 and 4 for each
-# 1000-step row at batch 2000 (the three-stage weights' curve, README *FID against steps*).
+# The shipped weights' 10,000-sample FID rows that two CPU cores need 6-12 hours each for (both samplers at 1000
+# steps), sized for a 15-minute GPU lease: on an H100 about 4 minutes for each 1000-step row at batch 2000 (the
+# three-stage weights' curve, README *FID against steps*).
 #
 #   bash benchmarks/gpu_lease.sh prepare         here: the wheels the GPU image lacks (into .whl/) and Fashion-MNIST's
 #                                                test split (into .fmnist/), both gitignored; about 12 MB to carry
 #   bash benchmarks/gpu_lease.sh curve STEPS.. -- ETAS..
 #                                                there (device run, carry [".whl", ".fmnist"]), e.g.
-#                                                `curve 250 1000 -- 0` (about 5 minutes), then `curve 1000 -- 1`
+#                                                `curve 1000 -- 1` (about 4 minutes), then `curve 1000 -- 0`
 #
 # `curve` writes the results file, with the rows already measured, under $OUT (rewritten after every row, so a
 # run stopped at its time limit still brings back the rows it finished) and the plot beside it. Copy both over
@@ -39,7 +39,7 @@ curve)
     [ $# -gt 0 ] && shift
     etas=("$@")
     if [ ${#steps[@]} -eq 0 ] || [ ${#etas[@]} -eq 0 ]; then
-        echo "usage: $0 curve STEPS.. -- ETAS..   (e.g. curve 250 1000 -- 0)" >&2; exit 2
+        echo "usage: $0 curve STEPS.. -- ETAS..   (e.g. curve 1000 -- 1)" >&2; exit 2
     fi
     [ -d .fmnist ] || { echo ".fmnist/ is missing: run '$0 prepare' here and carry .fmnist and .whl" >&2; exit 2; }
     if ! python3 -c "import diffusers, datasets" 2>/dev/null; then
