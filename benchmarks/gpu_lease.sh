@@ -14,10 +14,17 @@
 # benchmarks/results/ after each call, before the next: a call starts from the working tree's results file (the
 # device empties $OUT between calls), so the second call then keeps the first one's rows. Commit at the end.
 # The rows record device "cuda": a GPU's FID equals the CPU's for the same weights and seeds (9.11 against 9.12, README).
+#
+# The LEASE_* variables exist for the test that runs `curve` on the CPU at a few samples (tests/test_evaluation.py), so
+# that a lease is not the first run of this script; a lease leaves them unset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=benchmarks/results/fid-cpu-10k-ft15.json
-BUNDLE=/tmp/ft15-bundle  # the --model every row of $RESULTS was measured with (--resume wants the same setup)
+RESULTS=${LEASE_RESULTS:-benchmarks/results/fid-cpu-10k-ft15.json}
+BUNDLE=${LEASE_BUNDLE:-/tmp/ft15-bundle}  # the --model every row of $RESULTS was measured with (--resume wants the same setup)
+NUM_SAMPLES=${LEASE_NUM_SAMPLES:-10000}
+BATCH_SIZE=${LEASE_BATCH_SIZE:-2000}
+DATA=${LEASE_DATA:-.fmnist}
+COMPARE=${LEASE_COMPARE-three-stage weights (H100)=benchmarks/results/fid-h100-10k-ft5000.json}  # empty: no dashed lines
 
 case "${1:-}" in
 prepare)
@@ -41,7 +48,7 @@ curve)
     if [ ${#steps[@]} -eq 0 ] || [ ${#etas[@]} -eq 0 ]; then
         echo "usage: $0 curve STEPS.. -- ETAS..   (e.g. curve 1000 -- 1)" >&2; exit 2
     fi
-    [ -d .fmnist ] || { echo ".fmnist/ is missing: run '$0 prepare' here and carry .fmnist and .whl" >&2; exit 2; }
+    [ -d "$DATA" ] || { echo "$DATA/ is missing: run '$0 prepare' here and carry .fmnist and .whl" >&2; exit 2; }
     if ! python3 -c "import diffusers, datasets" 2>/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -51,11 +58,11 @@ curve)
     out=${OUT:-outputs/lease}
     mkdir -p "$out"
     rm -rf "$BUNDLE" && cp -r models/ddpm-fashion-mnist "$BUNDLE"
-    [ -f "$out/$(basename $RESULTS)" ] || cp "$RESULTS" "$out/"
-    python3 -m training.evaluate --model "$BUNDLE" --num-samples 10000 --batch-size 2000 --resume \
-        --steps "${steps[@]}" --eta "${etas[@]}" --dataset-name .fmnist \
-        --out "$out/$(basename $RESULTS)" --plot "$out/fid_vs_steps_10k_ft15.png" \
-        --compare "three-stage weights (H100)=benchmarks/results/fid-h100-10k-ft5000.json"
+    # the rows measured so far, so that --resume skips them (none yet: the file starts with this call's rows)
+    if [ ! -f "$out/$(basename "$RESULTS")" ] && [ -f "$RESULTS" ]; then cp "$RESULTS" "$out/"; fi
+    python3 -m training.evaluate --model "$BUNDLE" --num-samples "$NUM_SAMPLES" --batch-size "$BATCH_SIZE" --resume \
+        --steps "${steps[@]}" --eta "${etas[@]}" --dataset-name "$DATA" \
+        --out "$out/$(basename "$RESULTS")" --plot "$out/fid_vs_steps_10k_ft15.png" ${COMPARE:+--compare "$COMPARE"}
     ;;
 *)
     echo "usage: $0 prepare | curve STEPS.. -- ETAS.." >&2; exit 2

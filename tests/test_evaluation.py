@@ -799,3 +799,42 @@ def test_kid_of_the_same_images_is_the_same_whatever_ran_before():
     assert score_images(fid, kid, images, extractor) == first
     torch.manual_seed(1)
     assert torch.equal(torch.rand(1), after_first)  # the global generator untouched
+
+
+def test_gpu_lease_script_measures_the_rows_it_is_given_and_keeps_earlier_ones(tmp_path):
+    """benchmarks/gpu_lease.sh `curve`, run here as a lease runs it but at 20 samples: a lease is 15 minutes, too
+    short to find a broken script on."""
+    data = tmp_path / "fmnist"  # only the test split, as `prepare` packs it
+    data.mkdir()
+    for idx in Path("/usr/share/datasets/fashion-mnist").glob("t10k-*"):
+        (data / idx.name).symlink_to(idx)
+    results = tmp_path / "results" / "curve.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "LEASE_RESULTS": str(results), "LEASE_BUNDLE": str(tmp_path / "bundle"), "LEASE_NUM_SAMPLES": "20",
+           "LEASE_BATCH_SIZE": "20", "LEASE_DATA": str(data), "LEASE_COMPARE": ""}
+
+    def curve(*args, out):
+        return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lease.sh"), "curve", *args],
+                              env={**env, "OUT": str(out)}, capture_output=True, text=True, timeout=600)
+
+    first = curve("2", "--", "0", out=tmp_path / "call1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    measured = json.loads((tmp_path / "call1" / "curve.json").read_text())
+    assert [(r["steps"], r["eta"]) for r in measured["runs"]] == [(2, 0.0)]
+    assert measured["setup"]["num_samples"] == 20 and measured["setup"]["model"] == str(tmp_path / "bundle")
+    assert (tmp_path / "call1" / "fid_vs_steps_10k_ft15.png").stat().st_size > 0
+
+    # the next call starts from the results copied back, as the script's header says, and measures only the new row
+    results.parent.mkdir()
+    results.write_text(json.dumps(measured))
+    second = curve("2", "3", "--", "0", out=tmp_path / "call2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    both = json.loads((tmp_path / "call2" / "curve.json").read_text())
+    assert [(r["steps"], r["eta"]) for r in both["runs"]] == [(2, 0.0), (3, 0.0)]
+    assert both["runs"][0] == measured["runs"][0]
+
+    usage = curve("1000", out=tmp_path / "call3")
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    missing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lease.sh"), "curve", "2", "--", "0"],
+                             env={**env, "LEASE_DATA": str(tmp_path / "nowhere")}, capture_output=True, text=True)
+    assert missing.returncode == 2 and "prepare" in missing.stderr
