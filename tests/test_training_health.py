@@ -1,4 +1,4 @@
-"""The training loop's guards: bf16 only where the CPU runs it fast, and loss-spike warnings."""
+"""The training loop's guards: bf16 only where the CPU runs it fast, and loss-spike warnings (and what is logged)."""
 
 import json
 from pathlib import Path
@@ -99,6 +99,38 @@ def test_flags_the_unstable_h100_run_and_not_stable_cpu_runs():
         run = json.loads((ROOT / "benchmarks" / "results" / stable).read_text())
         assert run["window_images"] >= LossSpikeMonitor().min_samples  # judged, not ignored as too small
         assert spikes(stable) == (0, None)
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.warnings = []
+
+    def warning(self, message, main_process_only=True):
+        self.warnings.append(message)
+
+
+def test_window_log_means_every_micro_batch_since_the_last_log_and_warns_of_spikes():
+    from accelerate import Accelerator
+
+    from training.window_log import WindowLog
+
+    logger = RecordingLogger()
+    window = WindowLog(Accelerator(cpu=True), logger, global_batch=64)
+    for step in range(1, 7):  # a steady window of two micro-batches (0.1 and 0.3) per log
+        window.add_loss(torch.tensor(0.1))
+        window.add_loss(torch.tensor(0.3))
+        window.add_images(128)
+        logs = window.emit(step, lr=1e-4, ema_decay=0.99, nonfinite_total=0, grad_norm=torch.tensor(0.5))
+        assert logs["train/loss"] == pytest.approx(0.2) and logs["train/images_per_second"] > 0
+    assert logs["train/grad_norm"] == 0.5 and logs["train/loss_spikes"] == 0 and not logger.warnings
+
+    window.add_loss(torch.tensor(0.9))  # the next window starts empty: only this micro-batch counts
+    logs = window.emit(7, lr=1e-4, ema_decay=0.99, nonfinite_total=1)
+    assert logs["train/loss"] == pytest.approx(0.9) and logs["train/nonfinite_steps"] == 1
+    assert logs["train/loss_spikes"] == 1 and "train/grad_norm" not in logs
+    assert len(logger.warnings) == 1 and "loss spike at step 7" in logger.warnings[0] and "--learning_rate" in logger.warnings[0]
+
+    assert np.isnan(window.emit(8, lr=1e-4, ema_decay=0.99, nonfinite_total=2)["train/loss"])  # every step skipped
 
 
 def test_bad_factor_is_refused():

@@ -36,7 +36,7 @@ from pipeline_ddpm_custom.losses import background_haze, offset_as_noise, traini
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
 from training.evaluate import default_batch_size  # noqa: E402
-from training.loss_spikes import LossSpikeMonitor  # noqa: E402
+from training.window_log import WindowLog  # noqa: E402
 
 logger = get_logger("train_ddpm")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -384,6 +384,29 @@ def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record
     export.write_model_card(args.output_dir, repo_id, config_record, dataset, license=args.license)
 
 
+def prepare_dataset(args, accelerator, global_batch: int):
+    """The training split with its transform set: (dataset, image column, label column or None, number of classes
+    or None, channels). Channels follow the model when one is given (--model_config, --pretrained_model)."""
+    with accelerator.main_process_first():  # rank 0 downloads / converts first, the others reuse its cache
+        dataset = data.load_training_dataset(args.dataset_name, args.train_data_dir, args.dataset_split, args.cache_dir)
+    if args.max_train_samples:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    image_column, label_column = data.pick_columns(dataset, args.image_column, args.label_column, args.class_conditional)
+    num_classes = data.num_classes(dataset, label_column) if args.class_conditional else None
+    channels = data.image_channels(dataset, image_column)
+    if args.model_config:
+        with open(args.model_config) as f:
+            channels = json.load(f).get("in_channels", channels)
+    elif args.pretrained_model:
+        channels = pretrained_unet_config(args.pretrained_model).get("in_channels", channels)
+    dataset.set_transform(data.make_transform(image_column, label_column, args.resolution, channels))
+    if len(dataset) < global_batch:
+        raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch ({global_batch}): lower --train_batch_size.")
+    if len(dataset) < 1000:
+        logger.warning(f"Only {len(dataset)} training images: expect memorisation (samples copying the training set).")
+    return dataset, image_column, label_column, num_classes, channels
+
+
 def main(argv=None):
     """Exit status 2 with the message for anything the user can fix (arguments, data, model), not a traceback."""
     try:
@@ -412,24 +435,8 @@ def train(args) -> int:
         logger.warning(precision_warning, main_process_only=True)
 
     # ---- data ---------------------------------------------------------------------------------
-    with accelerator.main_process_first():  # rank 0 downloads / converts first, the others reuse its cache
-        dataset = data.load_training_dataset(args.dataset_name, args.train_data_dir, args.dataset_split, args.cache_dir)
-    if args.max_train_samples:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    image_column, label_column = data.pick_columns(dataset, args.image_column, args.label_column, args.class_conditional)
-    num_classes = data.num_classes(dataset, label_column) if args.class_conditional else None
-    channels = data.image_channels(dataset, image_column)
-    if args.model_config:
-        with open(args.model_config) as f:
-            channels = json.load(f).get("in_channels", channels)
-    elif args.pretrained_model:
-        channels = pretrained_unet_config(args.pretrained_model).get("in_channels", channels)
-    dataset.set_transform(data.make_transform(image_column, label_column, args.resolution, channels))
     global_batch = args.train_batch_size * accelerator.num_processes
-    if len(dataset) < global_batch:
-        raise ValueError(f"The dataset has {len(dataset)} images, fewer than one global batch ({global_batch}): lower --train_batch_size.")
-    if len(dataset) < 1000:
-        logger.warning(f"Only {len(dataset)} training images: expect memorisation (samples copying the training set).")
+    dataset, image_column, label_column, num_classes, channels = prepare_dataset(args, accelerator, global_batch)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=data.collate,
                         num_workers=args.dataloader_num_workers, drop_last=True)
 
@@ -488,9 +495,8 @@ def train(args) -> int:
 
     # ---- train -------------------------------------------------------------------------------
     progress = tqdm(total=max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    sample_grid, window_losses, window_ok, consecutive_nonfinite = None, [], True, 0
-    spikes = LossSpikeMonitor()
-    last_time, images_since = time.perf_counter(), 0
+    sample_grid, step_finite, consecutive_nonfinite = None, True, 0
+    window = WindowLog(accelerator, logger, global_batch)
     unet.train()
     first_epoch = micro_step // len(loader)
     for epoch in range(first_epoch, num_epochs):
@@ -511,13 +517,13 @@ def train(args) -> int:
                 # every rank must take the same branch, or the gradient all-reduce would hang
                 bad = accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum").item() > 0
                 if bad:
-                    window_ok = False
+                    step_finite = False
                 else:
                     accelerator.backward(loss)
-                    window_losses.append(loss.detach())
+                    window.add_loss(loss.detach())
                 if accelerator.sync_gradients:
                     grad_norm = None
-                    if window_ok:
+                    if step_finite:
                         grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                         optimizer.step()
                         if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it
@@ -534,33 +540,18 @@ def train(args) -> int:
                                 "instead of fp16, or resume from an earlier checkpoint."
                             )
                     optimizer.zero_grad(set_to_none=True)
-            images_since += x0.shape[0] * accelerator.num_processes
+            window.add_images(x0.shape[0] * accelerator.num_processes)
             if not accelerator.sync_gradients:
                 continue
 
             global_step += 1
-            window_ok = True
+            step_finite = True
             progress.update(1)
             if global_step % args.logging_steps == 0 or global_step == max_train_steps:
-                mean_loss = accelerator.reduce(torch.stack(window_losses).mean(), "mean").item() if window_losses else float("nan")
-                now = time.perf_counter()
-                speed = images_since / max(now - last_time, 1e-9)
-                logs = {"train/loss": mean_loss, "train/lr": lr_scheduler.get_last_lr()[0], "train/images_per_second": speed,
-                        "train/ema_decay": ema.cur_decay_value or 0.0, "train/nonfinite_steps": nonfinite_total}
-                if grad_norm is not None:
-                    logs["train/grad_norm"] = float(grad_norm)
-                spike = spikes.update(mean_loss, len(window_losses) * global_batch)
-                logs["train/loss_spikes"] = spikes.count
-                if spike:
-                    logger.warning(
-                        f"loss spike at step {global_step}: {mean_loss:.4f} is {spike:.1f}x the recent median "
-                        f"({spikes.count} so far). Repeated spikes mean an unstable run whose samples will be grainy: "
-                        "restart with a lower --learning_rate (a 6.5M model spiked at 5e-4, batch 512 in bf16), a smaller batch "
-                        "or --mixed_precision no.", main_process_only=True)
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{speed:.0f}")
-                # the window is every micro-batch since the last log, not just this step's
-                last_time, images_since, window_losses = now, 0, []
+                logs = window.emit(global_step, lr_scheduler.get_last_lr()[0], ema.cur_decay_value or 0.0, nonfinite_total,
+                                   grad_norm)
+                progress.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}",
+                                     img_s=f"{logs['train/images_per_second']:.0f}")
 
             if args.validation_steps and (global_step % args.validation_steps == 0 or global_step == max_train_steps):
                 sample_grid = sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, global_step)
