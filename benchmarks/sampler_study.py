@@ -1,4 +1,5 @@
-"""What the sampler studies share (epsilon_scaling.py, timestep_placement.py, autoguidance.py, background_haze.py).
+"""What the sampler studies share (epsilon_scaling.py, timestep_placement.py, autoguidance.py, background_haze.py,
+fid_by_class.py).
 
 Each draws N samples from a saved pipeline as training.evaluate draws them (same seeds, class labels
 cycling 0..9), scores them with the offline extractor against Fashion-MNIST's test split, and writes
@@ -24,13 +25,15 @@ from training.evaluate import (
 REFERENCE = "fashion-mnist test (10000 images)"
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500, solvers: bool = False) -> None:
+def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500, solvers: bool = False,
+                           many_steps: bool = False) -> None:
     """The options every study takes: the model, how many samples, the sampler, the seed, where to run and write.
     `solvers`: also --scheduler, for a study that works with diffusers' solvers as well as the model's own scheduler
-    (a study that changes the model scheduler's steps or timesteps does not)."""
+    (a study that changes the model scheduler's steps or timesteps does not); `many_steps`: --steps takes a list,
+    one run each."""
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--num-samples", type=int, default=num_samples)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=[50] if many_steps else 50, nargs="+" if many_steps else None)
     parser.add_argument("--eta", type=float, default=None, help="0 = DDIM (the default), 1 = DDPM ancestral")
     if solvers:
         parser.add_argument("--scheduler", default="model", choices=SCHEDULER_CHOICES,
@@ -87,10 +90,11 @@ class Study:
     kid: object
 
     @classmethod
-    def open(cls, args: argparse.Namespace) -> "Study":
+    def open(cls, args: argparse.Namespace, reference: bool = True) -> "Study":
+        """`reference`: feed the test split to FID and KID for score() (a study that scores otherwise skips it)."""
         device = torch.device(args.device)
         extractor = load_extractor("offline", device)
-        fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device)
+        fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device) if reference else (None, None)
         pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
         pipe.set_progress_bar_config(disable=True)
         model_scheduler = pipe.scheduler
@@ -105,10 +109,11 @@ class Study:
                 "scheduler": {"class": type(self.pipe.scheduler).__name__,
                               **{k: self.pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}}
 
-    def draw(self, **pipeline_kwargs) -> torch.Tensor:
-        """args.num_samples images in [0, 1], (N, 1, H, W), with the study's steps, eta and seed, guidance 1."""
+    def draw(self, steps: int = None, **pipeline_kwargs) -> torch.Tensor:
+        """args.num_samples images in [0, 1], (N, 1, H, W), with the study's steps (or `steps`), eta and seed,
+        guidance 1."""
         a = self.args
-        return sample(self.pipe, a.num_samples, a.steps, a.eta, a.seed, default_batch_size(self.device), 1.0,
+        return sample(self.pipe, a.num_samples, steps or a.steps, a.eta, a.seed, default_batch_size(self.device), 1.0,
                       **pipeline_kwargs)
 
     def score(self, images: torch.Tensor) -> dict:

@@ -838,3 +838,56 @@ def test_gpu_lease_script_measures_the_rows_it_is_given_and_keeps_earlier_ones(t
     missing = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lease.sh"), "curve", "2", "--", "0"],
                              env={**env, "LEASE_DATA": str(tmp_path / "nowhere")}, capture_output=True, text=True)
     assert missing.returncode == 2 and "prepare" in missing.stderr
+
+
+def test_fid_terms_split_a_fid_into_its_mean_and_covariance_parts_as_the_formula_does():
+    """benchmarks/fid_by_class.py's split against scipy's matrix square root on the same features: a stand-in
+    extractor whose features are two pixels, so that each side's mean and covariance are known."""
+    from scipy import linalg
+
+    from fid_by_class import fid_terms
+
+    from training.evaluate import make_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(400, 1, 4, 4, generator=generator)
+    generated = torch.rand(300, 1, 4, 4, generator=generator) * 0.5 + 0.3  # narrower and shifted
+    fid, _ = make_metrics(Tf32Recorder(), 2, "cpu")
+    fid.update(real, real=True)
+    fid.update(generated, real=False)
+    terms = fid_terms(fid)
+
+    a, b = (x.flatten(1)[:, :2].double().numpy() for x in (real, generated))
+    mean_term = float(((a.mean(0) - b.mean(0)) ** 2).sum())
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covariance_term = float(np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real))
+    assert terms["mean_term"] == pytest.approx(mean_term, rel=1e-6) and mean_term > 0.001
+    assert terms["covariance_term"] == pytest.approx(covariance_term, rel=1e-4, abs=1e-6) and covariance_term > 0.01
+    assert terms["fid"] == pytest.approx(mean_term + covariance_term, rel=1e-4)
+
+
+def test_fid_by_class_agrees_with_evaluate_over_all_classes_and_splits_by_label(tmp_path):
+    """benchmarks/fid_by_class.py: its all-classes FIDs of the samples and of the class-balanced floor are the
+    numbers training.evaluate gives for the same model, seeds and floor; each class's row compares only that
+    class's images (its samples are images i with i mod 10 == class, as evaluate labels them)."""
+    from fid_by_class import main as by_class_main
+
+    tiny_pipeline(num_train_timesteps=20, num_class_embeds=10).save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "40", "--device", "cpu"]
+    assert by_class_main([*common, "--steps", "2", "3", "--out", str(tmp_path / "c.json"),
+                          "--plot", str(tmp_path / "c.png")]) == 0
+    results = json.loads((tmp_path / "c.json").read_text())
+    measured = evaluate_main([*common, "--steps", "2", "3", "--eta", "0", "--batch-size", "64", "--balanced-floor",
+                              "--floor", "--out", str(tmp_path / "e.json")])
+    assert results["floor"]["all"]["floor"]["fid"] == pytest.approx(measured["floor"]["fid"], rel=1e-6)
+    for run, reference in zip(results["runs"], measured["runs"]):
+        assert run["steps"] == reference["steps"]
+        assert run["all"]["samples"]["fid"] == pytest.approx(reference["fid"], rel=1e-6)
+    assert results["runs"][0]["all"]["samples"]["fid"] != results["runs"][1]["all"]["samples"]["fid"]
+    rows = results["runs"][0]["classes"]
+    assert [row["class"] for row in rows] == list(range(10)) and rows[9]["name"] == "Ankle boot"
+    assert len({row["samples"]["fid"] for row in rows}) == 10  # ten different comparisons, not one repeated
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+    with pytest.raises(SystemExit):  # 45 samples are not 10 classes times a whole number
+        by_class_main([*common[:3], "45", "--device", "cpu"])

@@ -129,9 +129,10 @@ def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
 
 
 def real_images(split: str, count: int, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image",
-                balanced_by=None) -> torch.Tensor:
+                balanced_by=None, label_column=None):
     """`count` images of `split`, drawn at random with `seed`; with `balanced_by` (a label column), the same
-    number of each class, as the samples (labels cycling through the classes) and Fashion-MNIST's test split have."""
+    number of each class, as the samples (labels cycling through the classes) and Fashion-MNIST's test split have.
+    With `label_column`: (images, their labels as a numpy array)."""
     dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
     if balanced_by is not None:
         if balanced_by not in dataset.column_names:
@@ -141,7 +142,10 @@ def real_images(split: str, count: int, seed: int, device, dataset_name=None, tr
     else:
         order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
     images = np.stack([np.asarray(dataset[int(i)][image_column].convert("L"), dtype=np.uint8) for i in order])
-    return torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
+    images = torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
+    if label_column is None:
+        return images
+    return images, np.asarray(dataset[label_column])[order]
 
 
 def class_balanced_order(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -162,12 +166,13 @@ def class_balanced_order(labels: np.ndarray, count: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(order))
 
 
-def floor_images(reference: str, count: int, seed: int, device, dataset_name=None, balanced: bool = False) -> torch.Tensor:
+def floor_images(reference: str, count: int, seed: int, device, dataset_name=None, balanced: bool = False,
+                 label_column=None):
     """The real images the floor (--floor) compares with `reference`: `count` of the other split, drawn with
     seed + 1 so that they are not the images drawn with `seed` (benchmarks reuse this subset as theirs);
-    `balanced`: the same number of each class (Fashion-MNIST's label column)."""
+    `balanced`: the same number of each class (Fashion-MNIST's label column); `label_column`: with their labels."""
     return real_images(other_split(reference), count, seed + 1, device, dataset_name,
-                       balanced_by="label" if balanced else None)
+                       balanced_by="label" if balanced else None, label_column=label_column)
 
 
 def other_split(reference: str) -> str:

@@ -1,0 +1,131 @@
+"""Which classes carry a model's FID, and whether in the mean or in the spread of their features.
+
+    python benchmarks/fid_by_class.py --model models/ddpm-fashion-mnist --num-samples 2000 --steps 50 100 \
+        --out benchmarks/results/fid-by-class-cpu-2k-ft15.json --plot benchmarks/results/fid_by_class_2k_ft15.png
+
+Samples are drawn as training.evaluate draws them (image i from seed + i, class label i mod 10: N/10 of each
+class; --scheduler and --eta pick the sampler, one run per --steps). The floor is evaluate's class-balanced one
+(`--balanced-floor`: N train images, N/10 of each class, drawn with seed + 1). Offline features throughout.
+
+For each class, FID(the samples of that class, the test split's 1,000 images of it) beside FID(the floor's images
+of it, the same 1,000), and the same for all classes together against the whole test split. Each FID is split
+into its two terms, FID = |mu_s - mu_r|^2 + Tr(S_s + S_r - 2 (S_s S_r)^1/2): a large *mean term* says the class's
+samples sit in the wrong place on average (too dark, too wide, ...), a large *covariance term* that they vary too
+little, too much or in the wrong directions (lost variety, artefacts). At N/10 samples a class's FID is biased
+upwards by its small count; its floor, measured at the same count, carries the same bias, so compare each class
+with its own floor, and classes with each other through that ratio.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
+from training.atomic_files import write_json_atomically  # noqa: E402
+from training.data import FASHION_MNIST_CLASSES  # noqa: E402
+from training.evaluate import feed, floor_images, make_metrics, real_images  # noqa: E402
+
+
+def fid_terms(fid) -> dict:
+    """A torchmetrics FID that holds both sides, as its value and its two terms."""
+    total = float(fid.compute())
+    mean_real = fid.real_features_sum / fid.real_features_num_samples
+    mean_generated = fid.fake_features_sum / fid.fake_features_num_samples
+    mean_term = float(((mean_real - mean_generated) ** 2).sum())
+    return {"fid": total, "mean_term": mean_term, "covariance_term": total - mean_term}
+
+
+def terms_against(extractor, reference: torch.Tensor, compared: dict, device) -> dict:
+    """{name: fid_terms} of each image set of `compared` against `reference`, whose features are computed once."""
+    fid, _ = make_metrics(extractor, 2, device)
+    feed((fid,), reference, True, extractor)
+    out = {}
+    for name, images in compared.items():
+        fid.reset()
+        feed((fid,), images, False, extractor)
+        out[name] = fid_terms(fid)
+    return out
+
+
+def by_class(extractor, test, test_labels, sets: dict, device) -> dict:
+    """`sets` {name: (images, labels)} against the test split: {"all": {name: terms}, "classes": [{"class", "name",
+    name: terms}, ...]}, each class's images against the test images of that class."""
+    result = {"all": terms_against(extractor, test, {name: images for name, (images, _) in sets.items()}, device),
+              "classes": []}
+    for label in np.unique(test_labels):
+        terms = terms_against(extractor, test[torch.from_numpy(test_labels == label)],
+                              {name: images[torch.from_numpy(labels == label)] for name, (images, labels) in sets.items()},
+                              device)
+        result["classes"].append({"class": int(label), "name": FASHION_MNIST_CLASSES[label], **terms})
+    return result
+
+
+def plot(results: dict, path: str) -> None:
+    """Per class: the floor's FID and each run's, as stacked bars (mean term below, covariance term above)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = [("real vs real floor", "floor", results["floor"])] + [
+        (f"{run['sampler']}, {run['steps']} steps", "samples", run) for run in results["runs"]]
+    names = [row["name"] for row in results["floor"]["classes"]]
+    width = 0.8 / len(sets)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (label, key, rows) in enumerate(sets):
+        x = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
+        mean = [row[key]["mean_term"] for row in rows["classes"]]
+        cov = [row[key]["covariance_term"] for row in rows["classes"]]
+        bars = ax.bar(x, mean, width, label=f"{label}: mean term", alpha=0.9)
+        ax.bar(x, cov, width, bottom=mean, color=bars.patches[0].get_facecolor(), alpha=0.35,
+               label=f"{label}: covariance term")
+        if key == "samples":  # each class's distance from its own floor
+            for xi, m, c, floor in zip(x, mean, cov, results["floor"]["classes"]):
+                ax.text(xi, m + c, f"{(m + c) / floor['floor']['fid']:.1f}x", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20)
+    ax.set(ylabel="FID (offline features)", title=f"FID by class, {results['setup']['num_samples'] // len(names)} "
+           "samples a class vs the test split's images of that class")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_sampling_arguments(parser, num_samples=2000, solvers=True, many_steps=True)
+    parser.add_argument("--plot", default=None, help="PNG of the per-class FIDs and their terms")
+    args = parser.parse_args(argv)
+    check_sampling_arguments(parser, args)
+    study = Study.open(args, reference=False)  # by_class() feeds the test split its own way
+    classes = study.pipe.unet.config.num_class_embeds
+    if not classes or args.num_samples % classes or args.num_samples // classes < 2:
+        parser.error(f"--num-samples must be a multiple of the model's classes ({classes}) with at least 2 of each: "
+                     "a class-conditional model, and e.g. --num-samples 2000.")
+    test, test_labels = real_images("test", 10_000, args.seed, study.device, label_column="label")
+    floor, floor_labels = floor_images("test", args.num_samples, args.seed, study.device, balanced=True,
+                                       label_column="label")
+    floor_terms = by_class(study.extractor, test, test_labels, {"floor": (floor, floor_labels)}, study.device)
+    results = {"setup": study.setup(floor="class-balanced train subset, seed + 1"), "floor": floor_terms, "runs": []}
+    sample_labels = np.arange(args.num_samples) % classes  # evaluate's labels: image i has class i mod classes
+    for steps in args.steps:
+        terms = by_class(study.extractor, test, test_labels, {"samples": (study.draw(steps=steps), sample_labels)},
+                         study.device)
+        run = {"sampler": results["setup"]["sampler"], "steps": steps, **terms}
+        worst = max(zip(run["classes"], floor_terms["classes"]), key=lambda pair: pair[0]["samples"]["fid"] / pair[1]["floor"]["fid"])
+        study.keep(results, run, f"{steps} steps: FID {run['all']['samples']['fid']:.2f} (mean term "
+                                 f"{run['all']['samples']['mean_term']:.2f}); farthest from its floor: {worst[0]['name']}")
+        if args.plot:
+            plot(results, args.plot)
+    if args.out:
+        write_json_atomically(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
