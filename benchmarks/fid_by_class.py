@@ -13,7 +13,8 @@ into its two terms, FID = |mu_s - mu_r|^2 + Tr(S_s + S_r - 2 (S_s S_r)^1/2): a l
 samples sit in the wrong place on average (too dark, too wide, ...), a large *covariance term* that they vary too
 little, too much or in the wrong directions (lost variety, artefacts). At N/10 samples a class's FID is biased
 upwards by its small count; its floor, measured at the same count, carries the same bias, so compare each class
-with its own floor, and classes with each other through that ratio.
+with its own floor, and classes with each other through that ratio. Beside the terms, each class's garment area and gray level (pixels
+over 15 gray levels) for the samples, the floor and the test images, to put words to a mean term.
 """
 
 import argparse
@@ -52,16 +53,27 @@ def terms_against(extractor, reference: torch.Tensor, compared: dict, device) ->
     return out
 
 
+def pixel_statistics(images: torch.Tensor) -> dict:
+    """What the eye would check first, to put words to a mean term: the garment's area (pixels over 15 gray levels)
+    and its mean gray level, in gray levels of 255."""
+    levels = images.float() * 255
+    garment = levels > 15
+    return {"garment_area": float(garment.float().mean()), "garment_gray": float(levels[garment].mean())}
+
+
 def by_class(extractor, test, test_labels, sets: dict, device) -> dict:
     """`sets` {name: (images, labels)} against the test split: {"all": {name: terms}, "classes": [{"class", "name",
-    name: terms}, ...]}, each class's images against the test images of that class."""
+    "test": pixel statistics, name: terms and pixel statistics}, ...]}, each class's images against the test
+    images of that class."""
     result = {"all": terms_against(extractor, test, {name: images for name, (images, _) in sets.items()}, device),
               "classes": []}
     for label in np.unique(test_labels):
-        terms = terms_against(extractor, test[torch.from_numpy(test_labels == label)],
-                              {name: images[torch.from_numpy(labels == label)] for name, (images, labels) in sets.items()},
-                              device)
-        result["classes"].append({"class": int(label), "name": FASHION_MNIST_CLASSES[label], **terms})
+        reference = test[torch.from_numpy(test_labels == label)]
+        members = {name: images[torch.from_numpy(labels == label)] for name, (images, labels) in sets.items()}
+        terms = terms_against(extractor, reference, members, device)
+        result["classes"].append({"class": int(label), "name": FASHION_MNIST_CLASSES[label],
+                                  "test": pixel_statistics(reference),
+                                  **{name: {**terms[name], **pixel_statistics(members[name])} for name in sets}})
     return result
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
-from training.evaluate import class_histogram, default_batch_size, make_metrics, parse_args
+from training.evaluate import class_histogram, default_batch_size, make_metrics, parse_args, real_images
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
@@ -369,8 +369,6 @@ def test_background_haze_measures_faint_pixels_and_their_cost(tmp_path):
                          "--device", "cpu", "--out", str(tmp_path / "haze.json")])
     assert json.loads((tmp_path / "haze.json").read_text())["setup"]["num_samples"] == 300
     # the same 300 train images, counted from the IDX file directly: all black pixels and the faint 1-3 band
-    from training.evaluate import real_images
-
     raw = data.read_idx(os.path.join(data.FASHION_MNIST_IDX, "train-images-idx3-ubyte.gz"))
     picked = raw[np.random.default_rng(1).permutation(len(raw))[:300]]
     real = results["pixels"]["real"]
@@ -461,7 +459,6 @@ def test_renoised_background_reports_what_the_model_predicts_there():
     from background_haze import far_from_garment, renoised_far_background
 
     from pipeline_ddpm_custom import DDPMCustomScheduler
-    from training.evaluate import real_images
 
     images = real_images("train", 64, 1, torch.device("cpu"))
     scheduler = DDPMCustomScheduler(prediction_type="v_prediction")
@@ -711,7 +708,6 @@ def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsy
     from floor_spread import main as spread_main
 
     from training.data import FASHION_MNIST_IDX, read_idx
-    from training.evaluate import real_images
 
     pixels = read_idx(os.path.join(FASHION_MNIST_IDX, "train-images-idx3-ubyte.gz"))
     labels = read_idx(os.path.join(FASHION_MNIST_IDX, "train-labels-idx1-ubyte.gz"))
@@ -887,6 +883,11 @@ def test_fid_by_class_agrees_with_evaluate_over_all_classes_and_splits_by_label(
     rows = results["runs"][0]["classes"]
     assert [row["class"] for row in rows] == list(range(10)) and rows[9]["name"] == "Ankle boot"
     assert len({row["samples"]["fid"] for row in rows}) == 10  # ten different comparisons, not one repeated
+    test, labels = real_images("test", 10_000, 0, "cpu", label_column="label")
+    for row in (rows[1], rows[8]):  # trousers are narrow, bags wide: the class split must keep them apart
+        members = test[torch.from_numpy(labels == row["class"])] * 255
+        assert row["test"]["garment_area"] == pytest.approx(float((members > 15).float().mean()), rel=1e-6)
+    assert rows[1]["test"]["garment_area"] < rows[8]["test"]["garment_area"]
     assert (tmp_path / "c.png").stat().st_size > 0
 
     with pytest.raises(SystemExit):  # 45 samples are not 10 classes times a whole number
