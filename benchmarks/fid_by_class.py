@@ -88,7 +88,7 @@ def plot(results: dict, path: str) -> None:
         (f"{run['sampler']}, {run['steps']} steps", "samples", run) for run in results["runs"]]
     names = [row["name"] for row in results["floor"]["classes"]]
     width = 0.8 / len(sets)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for i, (label, key, rows) in enumerate(sets):
         x = np.arange(len(names)) + (i - (len(sets) - 1) / 2) * width
         mean = [row[key]["mean_term"] for row in rows["classes"]]
@@ -102,7 +102,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xticks(np.arange(len(names)), names, rotation=20)
     ax.set(ylabel="FID (offline features)", title=f"FID by class, {results['setup']['num_samples'] // len(names)} "
            "samples a class vs the test split's images of that class")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=len(sets), loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: bars stay clear
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
