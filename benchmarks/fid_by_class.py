@@ -13,8 +13,8 @@ into its two terms, FID = |mu_s - mu_r|^2 + Tr(S_s + S_r - 2 (S_s S_r)^1/2): a l
 samples sit in the wrong place on average (too dark, too wide, ...), a large *covariance term* that they vary too
 little, too much or in the wrong directions (lost variety, artefacts). At N/10 samples a class's FID is biased
 upwards by its small count; its floor, measured at the same count, carries the same bias, so compare each class
-with its own floor, and classes with each other through that ratio. Beside the terms, each class's garment area and gray level (pixels
-over 15 gray levels) for the samples, the floor and the test images, to put words to a mean term.
+with its own floor, and classes with each other through that ratio. Beside the terms, each class's garment area and
+gray level (pixels over 15 gray levels) for the samples, the floor and the test images, to put words to a mean term.
 """
 
 import argparse
@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
-from training.atomic_files import write_json_atomically  # noqa: E402
 from training.data import FASHION_MNIST_CLASSES  # noqa: E402
-from training.evaluate import feed, floor_images, make_metrics, real_images  # noqa: E402
+from training.evaluate import (  # noqa: E402
+    cycling_class_labels, feed, floor_images, make_metrics, real_images)
 
 
 def fid_terms(fid) -> dict:
@@ -124,18 +124,18 @@ def main(argv=None) -> int:
                                        label_column="label")
     floor_terms = by_class(study.extractor, test, test_labels, {"floor": (floor, floor_labels)}, study.device)
     results = {"setup": study.setup(floor="class-balanced train subset, seed + 1"), "floor": floor_terms, "runs": []}
-    sample_labels = np.arange(args.num_samples) % classes  # evaluate's labels: image i has class i mod classes
+    sample_labels = np.asarray(cycling_class_labels(range(args.num_samples), classes))  # as study.draw() labels them
     for steps in args.steps:
         terms = by_class(study.extractor, test, test_labels, {"samples": (study.draw(steps=steps), sample_labels)},
                          study.device)
         run = {"sampler": results["setup"]["sampler"], "steps": steps, **terms}
-        worst = max(zip(run["classes"], floor_terms["classes"]), key=lambda pair: pair[0]["samples"]["fid"] / pair[1]["floor"]["fid"])
-        study.keep(results, run, f"{steps} steps: FID {run['all']['samples']['fid']:.2f} (mean term "
-                                 f"{run['all']['samples']['mean_term']:.2f}); farthest from its floor: {worst[0]['name']}")
+        worst = max(zip(run["classes"], floor_terms["classes"]),
+                    key=lambda pair: pair[0]["samples"]["fid"] / pair[1]["floor"]["fid"])
+        overall = run["all"]["samples"]
+        study.keep(results, run, f"{steps} steps: FID {overall['fid']:.2f} (mean term {overall['mean_term']:.2f}); "
+                                 f"farthest from its floor: {worst[0]['name']}")
         if args.plot:
-            plot(results, args.plot)
-    if args.out:
-        write_json_atomically(args.out, results)
+            plot(results, args.plot)  # after every run, as keep() writes --out
     return 0
 
 

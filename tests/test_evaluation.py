@@ -800,14 +800,16 @@ def test_kid_of_the_same_images_is_the_same_whatever_ran_before():
 def test_gpu_lease_script_measures_the_rows_it_is_given_and_keeps_earlier_ones(tmp_path):
     """benchmarks/gpu_lease.sh `curve`, run here as a lease runs it but at 20 samples: a lease is 15 minutes, too
     short to find a broken script on."""
-    data = tmp_path / "fmnist"  # only the test split, as `prepare` packs it
-    data.mkdir()
-    for idx in Path("/usr/share/datasets/fashion-mnist").glob("t10k-*"):
-        (data / idx.name).symlink_to(idx)
+    from training.data import FASHION_MNIST_IDX
+
+    test_split = tmp_path / "fmnist"  # only the test split, as `prepare` packs it
+    test_split.mkdir()
+    for idx in Path(FASHION_MNIST_IDX).glob("t10k-*"):
+        (test_split / idx.name).symlink_to(idx)
     results = tmp_path / "results" / "curve.json"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "LEASE_RESULTS": str(results), "LEASE_BUNDLE": str(tmp_path / "bundle"), "LEASE_NUM_SAMPLES": "20",
-           "LEASE_BATCH_SIZE": "20", "LEASE_DATA": str(data), "LEASE_COMPARE": ""}
+           "LEASE_BATCH_SIZE": "20", "LEASE_DATA": str(test_split), "LEASE_COMPARE": ""}
 
     def curve(*args, out):
         return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lease.sh"), "curve", *args],

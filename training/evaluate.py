@@ -247,6 +247,12 @@ def score_images(fid, kid, images: torch.Tensor, extractor, real: bool = False) 
 
 
 @torch.no_grad()
+def cycling_class_labels(indices, classes):
+    """The class label of each sample index: i % classes, so that every class gets an equal share (None for an
+    unconditional model). Every evaluation labels its samples this way; by-class studies rely on it."""
+    return [i % classes for i in indices] if classes else None
+
+
 def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, guidance_scale: float,
            timesteps=None, batches: SampleBatches = None, **pipeline_kwargs) -> torch.Tensor:
     """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
@@ -263,7 +269,7 @@ def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, 
         images = batches.load(start, len(idx), pipe.device) if batches else None
         if images is None:
             images = pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
-                          eta=eta, class_labels=[i % classes for i in idx] if classes else None,
+                          eta=eta, class_labels=cycling_class_labels(idx, classes),
                           guidance_scale=guidance_scale, output_type="pt", **chain, **pipeline_kwargs).images
             if batches:
                 batches.save(start, images)

@@ -35,7 +35,7 @@ from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCu
 from pipeline_ddpm_custom.losses import background_haze, offset_as_noise, training_losses  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
-from training.evaluate import default_batch_size  # noqa: E402
+from training.evaluate import cycling_class_labels, default_batch_size  # noqa: E402
 from training.window_log import WindowLog  # noqa: E402
 
 logger = get_logger("train_ddpm")
@@ -307,7 +307,7 @@ def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, 
             with accelerator.autocast():
                 out = pipe(batch_size=len(chunk), generator=[torch.Generator().manual_seed(i) for i in chunk],
                            num_inference_steps=steps, eta=eta, output_type=output_type,
-                           class_labels=[i % classes for i in chunk] if classes else None).images
+                           class_labels=cycling_class_labels(chunk, classes)).images
             images.extend(out.cpu() if output_type == "pt" else out)
     return gather_object(images)
 
