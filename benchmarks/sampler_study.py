@@ -16,6 +16,7 @@ import torch
 
 # imported by the study scripts, which have already put the repository root on sys.path
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import check_eta_applies
 from training.atomic_files import write_json_atomically
 from training.evaluate import (
@@ -28,9 +29,9 @@ REFERENCE = "fashion-mnist test (10000 images)"
 def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500, solvers: bool = False,
                            many_steps: bool = False) -> None:
     """The options every study takes: the model, how many samples, the sampler, the seed, where to run and write.
-    `solvers`: also --scheduler, for a study that works with diffusers' solvers as well as the model's own scheduler
-    (a study that changes the model scheduler's steps or timesteps does not); `many_steps`: --steps takes a list,
-    one run each."""
+    `solvers`: also --scheduler and --timestep-spacing, for a study that works with diffusers' solvers as well as the
+    model's own scheduler, on the scheduler's own chain of timesteps (a study that changes the model scheduler's steps
+    or timesteps does not); `many_steps`: --steps takes a list, one run each."""
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--num-samples", type=int, default=num_samples)
     parser.add_argument("--steps", type=int, default=[50] if many_steps else 50, nargs="+" if many_steps else None)
@@ -38,6 +39,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 5
     if solvers:
         parser.add_argument("--scheduler", default="model", choices=SCHEDULER_CHOICES,
                             help="'model': the model's own scheduler (with --eta); else one of diffusers' solvers")
+        parser.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
+                            help="the chain's spacing (default: the model scheduler's own; trailing for a solver)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten atomically after every run)")
@@ -47,6 +50,7 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
     args.scheduler = getattr(args, "scheduler", "model")
+    args.timestep_spacing = getattr(args, "timestep_spacing", None)
     try:
         check_eta_applies(args.scheduler, args.eta is not None)
     except ValueError as error:
@@ -98,7 +102,7 @@ class Study:
         pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
         pipe.set_progress_bar_config(disable=True)
         model_scheduler = pipe.scheduler
-        use_scheduler(pipe, args.scheduler)
+        use_scheduler(pipe, args.scheduler, args.timestep_spacing)
         return cls(args, device, pipe, model_scheduler, extractor, fid, kid)
 
     def setup(self, **extra) -> dict:

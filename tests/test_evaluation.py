@@ -894,3 +894,21 @@ def test_fid_by_class_agrees_with_evaluate_over_all_classes_and_splits_by_label(
 
     with pytest.raises(SystemExit):  # 45 samples are not 10 classes times a whole number
         by_class_main([*common[:3], "45", "--device", "cpu"])
+
+
+def test_studies_sample_with_the_timestep_spacing_they_are_given(tmp_path):
+    """--timestep-spacing of the sampler studies (here fid_by_class.py): the chain evaluate samples with the same
+    option, recorded in the setup block, and a different chain from the model's own spacing."""
+    from fid_by_class import main as by_class_main
+
+    tiny_pipeline(num_train_timesteps=20, num_class_embeds=10).save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "40", "--device", "cpu", "--steps", "3"]
+    for spacing in ("leading", "trailing"):
+        assert by_class_main([*common, "--timestep-spacing", spacing, "--out", str(tmp_path / f"{spacing}.json")]) == 0
+    leading, trailing = (json.loads((tmp_path / f"{s}.json").read_text()) for s in ("leading", "trailing"))
+    assert trailing["setup"]["scheduler"]["timestep_spacing"] == "trailing"
+    measured = evaluate_main([*common, "--eta", "0", "--batch-size", "64", "--timestep-spacing", "trailing",
+                              "--out", str(tmp_path / "e.json")])
+    fid = trailing["runs"][0]["all"]["samples"]["fid"]
+    assert fid == pytest.approx(measured["runs"][0]["fid"], rel=1e-6)
+    assert fid != leading["runs"][0]["all"]["samples"]["fid"]

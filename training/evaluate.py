@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from_config
 from training import data
 from training.atomic_files import write_atomically, write_json_atomically
@@ -298,7 +299,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="0 = DDIM (default), 1 = DDPM ancestral (the model's own scheduler only)")
     parser.add_argument("--scheduler", default="model", choices=SCHEDULER_CHOICES,
                         help="model: the model's own (DDIM/DDPM by --eta); or one of diffusers' multistep solvers")
-    parser.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
+    parser.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                         help="override the timestep spacing (default: the model's for its own scheduler, trailing for a solver)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
