@@ -247,13 +247,13 @@ def score_images(fid, kid, images: torch.Tensor, extractor, real: bool = False) 
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-@torch.no_grad()
 def cycling_class_labels(indices, classes):
     """The class label of each sample index: i % classes, so that every class gets an equal share (None for an
     unconditional model). Every evaluation labels its samples this way; by-class studies rely on it."""
     return [i % classes for i in indices] if classes else None
 
 
+@torch.no_grad()
 def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, guidance_scale: float,
            timesteps=None, batches: SampleBatches = None, **pipeline_kwargs) -> torch.Tensor:
     """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
