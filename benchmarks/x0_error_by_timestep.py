@@ -40,6 +40,8 @@ def x0_errors(pipe, x0: torch.Tensor, labels, seed: int = 0) -> list:
         kind = scheduler.config.prediction_type
         x0_hat = {"epsilon": (x_t - s * output) / a, "sample": output, "v_prediction": a * x_t - s * output}[kind]
         row = {"t": t, "x0_mse": float(((x0_hat - x0) ** 2).mean()),
+               # over all pixels: the brightness bias of one step from the true x_t (a sampler's chain compounds it)
+               "x0_mean_error": float((x0_hat - x0).mean()),
                "x0_mse_clipped": float(((x0_hat.clamp(-1, 1) - x0) ** 2).mean())}
         if background.any():  # the exactly black pixels, where a sampled image's haze shows
             error = x0_hat[background] - x0[background]
@@ -64,7 +66,8 @@ def main(argv=None):
     gray = 127.5  # x0 is in [-1, 1]: one gray level of 255 is 1 / 127.5
     for row in rows:
         print(f"t={row['t']:>4}  x0 MSE {row['x0_mse']:10.4f}   clipped to [-1, 1] {row['x0_mse_clipped']:.4f}   "
-              f"RMS {row['x0_mse'] ** 0.5 * gray:6.2f} gray levels, on the black background "
+              f"RMS {row['x0_mse'] ** 0.5 * gray:6.2f} gray levels (mean {row['x0_mean_error'] * gray:+.2f}), "
+              f"on the black background "
               f"{row.get('x0_mse_background', float('nan')) ** 0.5 * gray:6.2f} "
               f"(mean {row.get('x0_mean_error_background', float('nan')) * gray:+.2f})")
     if args.out:

@@ -340,15 +340,20 @@ def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(p
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     x0[:, :, :2] = -1  # a black background strip, scored on its own too
 
-    def oracle(x_t, t, class_labels=None):
+    def oracle(x_t, t, class_labels=None, shift=0.0):  # shift: a model that sees every image `shift` brighter
         abar = scheduler.alphas_cumprod[t].float()[:, None, None, None]
-        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-        target = {"epsilon": eps, "sample": x0, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0}[prediction_type]
+        believed = x0 + shift
+        eps = (x_t - abar.sqrt() * believed) / (1 - abar).sqrt()
+        target = {"epsilon": eps, "sample": believed,
+                  "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * believed}[prediction_type]
         return SimpleNamespace(sample=target)
 
     rows = x0_errors(SimpleNamespace(unet=oracle, scheduler=scheduler), x0, None)
     assert [r["t"] for r in rows][-1] == 999 and max(r["x0_mse"] for r in rows) < 1e-6
     assert max(r["x0_mse_background"] for r in rows) < 1e-6
+    assert max(abs(r["x0_mean_error"]) for r in rows) < 1e-4
+    brighter = x0_errors(SimpleNamespace(unet=lambda *a, **k: oracle(*a, **k, shift=0.05), scheduler=scheduler), x0, None)
+    assert [r["x0_mean_error"] for r in brighter] == pytest.approx([0.05] * len(rows), abs=1e-3)
     zeros = SimpleNamespace(unet=lambda x_t, t, class_labels=None: SimpleNamespace(sample=torch.zeros_like(x_t)), scheduler=scheduler)
     wrong = x0_errors(zeros, x0, None)
     assert max(r["x0_mse"] for r in wrong) > 0.1 and max(r["x0_mse_background"] for r in wrong) > 0.1
@@ -891,6 +896,24 @@ def test_fid_by_class_agrees_with_evaluate_over_all_classes_and_splits_by_label(
         assert row["test"]["garment_area"] == pytest.approx(float((members > 15).float().mean()), rel=1e-6)
     assert rows[1]["test"]["garment_area"] < rows[8]["test"]["garment_area"]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+    # the table read back from the file: a row a class and one for all, four columns a run; ink is the gray summed
+    # over the garment's pixels per pixel, counted here on the images themselves
+    from fid_by_class_table import garment_ink, runs_of, table
+
+    lines = table(*runs_of([str(tmp_path / "c.json")]))
+    assert len(lines) == 2 + 10 + 1 and lines[-1].startswith("| all |")
+    cells = [cell.strip() for cell in lines[2 + 1].strip("|").split("|")]  # trousers
+    assert len(cells) == 3 + 4 * 2 + 1 and cells[0] == "Trouser"
+    assert cells[4] == f"{rows[1]['samples']['fid'] / results['floor']['classes'][1]['floor']['fid']:.2f}x"
+    trousers = test[torch.from_numpy(labels == 1)] * 255
+    ink = float((trousers * (trousers > 15)).mean())
+    assert garment_ink(rows[1]["test"]) == pytest.approx(ink, rel=1e-5) and cells[-1].endswith(f" / {ink:.1f}")
+    other = json.loads((tmp_path / "c.json").read_text())
+    other["floor"]["all"]["floor"]["fid"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another floor"):
+        runs_of([str(tmp_path / "c.json"), str(tmp_path / "other.json")])
 
     with pytest.raises(SystemExit):  # 45 samples are not 10 classes times a whole number
         by_class_main([*common[:3], "45", "--device", "cpu"])
