@@ -50,6 +50,42 @@ def offset_as_noise(scheduler, offset: torch.Tensor, timesteps: torch.Tensor) ->
     return offset * scale.view(-1, *([1] * (offset.dim() - 1)))
 
 
+def x0_and_eps(kind: str, output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor):
+    """x_0 and eps implied by a model ``output`` at x_t, for per-sample ``abar`` broadcastable against x_t."""
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if kind == "epsilon":
+        return (x_t - s * output) / a, output
+    if kind == "sample":
+        return output, (x_t - a * output) / s
+    return a * x_t - s * output, s * x_t + a * output  # v_prediction
+
+
+@torch.no_grad()
+def rollout_noise(model, scheduler, x0: torch.Tensor, start_noise: torch.Tensor, timesteps: torch.Tensor,
+                  class_labels: Optional[torch.Tensor], hops: int, stride: int) -> torch.Tensor:
+    """The noise that puts ``x0`` where the model's own DDIM chain lands at ``timesteps``: each image is noised to
+    t + hops * stride (at most T - 1) with ``start_noise`` and taken down to t in ``hops`` deterministic DDIM steps
+    (eta 0, no clipping) by ``model``. Trained with this as both the input's and the target's noise, the model learns
+    to lead its own chain's x_t back to the real x_0, not only the forward process's (scheduled sampling against
+    exposure bias). The noise is exact algebra: x_hat_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+    abar_table = scheduler.alphas_cumprod.to(x0.device)
+    last = scheduler.config.num_train_timesteps - 1
+    start = (timesteps + hops * stride).clamp(max=last)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x = scheduler.add_noise(x0.float(), start_noise.float(), start)
+    kind = scheduler.config.prediction_type
+    for k in range(hops):
+        here = start - torch.div((start - timesteps) * k, hops, rounding_mode="floor")
+        there = start - torch.div((start - timesteps) * (k + 1), hops, rounding_mode="floor")
+        output = model(x, here, class_labels=class_labels).sample.float()[:, : x0.shape[1]]
+        x0_hat, eps_hat = x0_and_eps(kind, output, x, abar_table[here].float().view(shape))
+        abar_there = abar_table[there].float().view(shape)
+        moved = abar_there.sqrt() * x0_hat + (1 - abar_there).sqrt() * eps_hat
+        x = torch.where((here > there).view(shape), moved, x)  # an image already at T - 1 has nowhere to come from
+    abar_t = abar_table[timesteps].float().view(shape)
+    return (x - abar_t.sqrt() * x0.float()) / (1 - abar_t).sqrt()
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), expressed for the configured prediction type."""
     snr = signal_to_noise(scheduler, timesteps)

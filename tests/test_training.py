@@ -59,6 +59,8 @@ def unet_weights(folder, variant=None):
         (["--haze_perturbation", "-1"], "--haze_perturbation must be >= 0"),
         (["--haze_perturbation", "6", "--haze_share", "0"], "--haze_share must lie in"),
         (["--ema_min_decay", "0.9", "--ema_max_decay", "0.5"], "--ema_min_decay <= --ema_max_decay"),
+        (["--rollout_hops", "-1"], "--rollout_hops must be >= 0"),
+        (["--rollout_hops", "2", "--rollout_share", "0"], "--rollout_share must lie in"),
     ],
 )
 def test_argument_errors_are_clear(tmp_path, capsys, argv, message):
@@ -283,7 +285,7 @@ def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path):
     assert scheduler["prediction_type"] == "v_prediction"
     assert scheduler["clip_sample"] is False and scheduler["timestep_spacing"] == "trailing"
     result = run_training(tmp_path / "other-schedule", "--max_train_steps", "1", "--pretrained_model", str(base),
-                          "--beta_schedule", "squaredcos_cap_v2")
+                          "--beta_schedule", "squaredcos_cap_v2", "--rollout_hops", "2")  # rollouts: the loop runs them
     assert "trained with beta_schedule='linear'" in result.stderr and "--beta_schedule 'linear'" in result.stderr
 
     cmd = [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), *TINY, "--resolution", "16", "--pretrained_model", str(base)]
@@ -361,3 +363,75 @@ def test_haze_perturbation_is_drawn_last_and_moves_both_noises_on_the_background
     assert (moved_every.abs().amax(dim=(1, 2, 3)) > 0).all()
     with pytest.raises(ValueError, match="noise scheduler"):
         draw_step_inputs(x0, labels, args, 10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_rollout_noise_is_the_start_noise_for_a_model_that_knows_x0_and_moves_for_one_that_does_not(prediction_type):
+    """losses.rollout_noise: DDIM steps of a model whose x0 estimate is the real x0 keep the noise they start from
+    (DDIM's eps stays constant then), at every timestep, the top one included; a model that knows less lands
+    elsewhere: where the scheduler's own DDIM steps (checked against diffusers' DDIMScheduler) take it, and the noise
+    returned puts x0 exactly there."""
+    from types import SimpleNamespace
+
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+    from pipeline_ddpm_custom.losses import rollout_noise
+
+    scheduler = DDPMCustomScheduler(prediction_type=prediction_type, clip_sample=False)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 1, 8, 8, generator=generator) * 2 - 1
+    start_noise = torch.randn(x0.shape, generator=generator)
+    timesteps = torch.tensor([0, 10, 300, 700, 990, 999])
+    abar = scheduler.alphas_cumprod.float()
+    calls = []
+
+    def believing(believed):  # a model whose x0 estimate is always `believed`
+        def model(x_t, t, class_labels=None):
+            calls.append(t.clone())
+            a = abar[t].view(-1, 1, 1, 1)
+            eps = (x_t - a.sqrt() * believed) / (1 - a).sqrt()
+            v = a.sqrt() * eps - (1 - a).sqrt() * believed
+            return SimpleNamespace(sample={"epsilon": eps, "sample": believed, "v_prediction": v}[prediction_type])
+        return model
+
+    rolled = rollout_noise(believing(x0), scheduler, x0, start_noise, timesteps, None, hops=3, stride=20)
+    torch.testing.assert_close(rolled, start_noise, rtol=0, atol=2e-3)
+
+    calls.clear()
+    rolled = rollout_noise(believing(x0 * 0.5), scheduler, x0, start_noise, timesteps, None, hops=3, stride=20)
+    assert [c.tolist() for c in calls] == [[60, 70, 360, 760, 999, 999], [40, 50, 340, 740, 996, 999],
+                                           [20, 30, 320, 720, 993, 999]]
+    moved = (rolled - start_noise).abs().amax(dim=(1, 2, 3))
+    assert (moved[:4] > 1e-2).all() and moved[4] > 0  # t = 990: from 999, where every image is almost all noise
+    assert moved[5] < 1e-6  # t = 999 has no room above it: not moved
+    one = slice(2, 3)  # the image at t = 300, brought from 360 by the scheduler's own steps
+    scheduler.set_timesteps(timesteps=[360, 340, 320, 300])
+    x = scheduler.add_noise(x0[one], start_noise[one], torch.tensor([360]))
+    for t in (360, 340, 320):
+        x = scheduler.step(believing(x0[one] * 0.5)(x, torch.tensor([t])).sample, t, x, eta=0.0).prev_sample
+    landed = abar[300].sqrt() * x0[one] + (1 - abar[300]).sqrt() * rolled[one]
+    torch.testing.assert_close(landed, x, rtol=0, atol=1e-4)
+
+
+def test_rollouts_replace_both_noises_for_their_share_only_and_are_drawn_last():
+    """--rollout_hops: draw_step_inputs' numbers are a plain run's; the chosen share's two noises become one and
+    the same rollout noise, the others' stay as drawn."""
+    from types import SimpleNamespace
+
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+    from training.train_ddpm import draw_step_inputs, parse_args, with_rollouts
+
+    scheduler = DDPMCustomScheduler(prediction_type="v_prediction")
+    x0, labels = torch.rand(64, 1, 8, 8) * 2 - 1, torch.arange(64) % 10
+    zeros = lambda x_t, t, class_labels=None: SimpleNamespace(sample=torch.zeros_like(x_t))  # noqa: E731
+    args = parse_args(["--output_dir", "x", "--rollout_hops", "2", "--input_perturbation", "0.1"])
+    torch.manual_seed(3)
+    x0, noise, timesteps, labels, input_noise = draw_step_inputs(x0, labels, args, 10, scheduler=scheduler)
+    new_noise, new_input = with_rollouts(zeros, scheduler, x0, noise, input_noise, timesteps, labels, args)
+    chosen = (new_noise != noise).flatten(1).any(dim=1)
+    assert 0.3 < chosen.float().mean() < 0.7  # --rollout_share's default: half
+    torch.testing.assert_close(new_noise[chosen], new_input[chosen])
+    assert torch.equal(new_noise[~chosen], noise[~chosen]) and torch.equal(new_input[~chosen], input_noise[~chosen])
+    every = parse_args(["--output_dir", "x", "--rollout_hops", "2", "--rollout_share", "1"])
+    replaced, _ = with_rollouts(zeros, scheduler, x0, noise, input_noise, timesteps, labels, every)
+    top = timesteps == 999
+    assert ((replaced != noise).flatten(1).any(dim=1) | top).all()

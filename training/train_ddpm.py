@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python training/train_ddpm.py` from a checkout
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
-from pipeline_ddpm_custom.losses import background_haze, offset_as_noise, training_losses  # noqa: E402
+from pipeline_ddpm_custom.losses import background_haze, offset_as_noise, rollout_noise, training_losses  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
 from training.evaluate import cycling_class_labels, default_batch_size  # noqa: E402
@@ -79,6 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "remove it (0: off)")
     g.add_argument("--haze_share", type=float, default=0.5,
                    help="share of the training images that get the --haze_perturbation haze (the rest stay clean)")
+    g.add_argument("--rollout_hops", type=int, default=0,
+                   help="scheduled sampling against exposure bias: a share (--rollout_share) of each batch is noised "
+                        "--rollout_hops * --rollout_stride steps above its timestep and brought down to it by the "
+                        "model's own DDIM steps, and trained to lead that x_t back to the real image (0: off)")
+    g.add_argument("--rollout_stride", type=int, default=20,
+                   help="timesteps per rollout hop (20: the spacing of a 50-step chain over 1000 steps)")
+    g.add_argument("--rollout_share", type=float, default=0.5, help="share of each batch that gets a rollout")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -160,6 +167,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--haze_perturbation must be >= 0 gray levels (0 turns it off), got {args.haze_perturbation}.")
     if not 0.0 < args.haze_share <= 1.0:
         raise ValueError(f"--haze_share must lie in (0, 1] (the share of images that get the haze), got {args.haze_share}.")
+    if args.rollout_hops < 0 or args.rollout_stride < 1:
+        raise ValueError(f"--rollout_hops must be >= 0 (0 turns it off) and --rollout_stride >= 1, got "
+                         f"{args.rollout_hops} and {args.rollout_stride}.")
+    if not 0.0 < args.rollout_share <= 1.0:
+        raise ValueError(f"--rollout_share must lie in (0, 1] (the share of images that get a rollout), got {args.rollout_share}.")
     if not 0.0 <= args.ema_min_decay <= args.ema_max_decay < 1.0:
         raise ValueError(f"The EMA decays must satisfy 0 <= --ema_min_decay <= --ema_max_decay < 1, got "
                          f"{args.ema_min_decay} and {args.ema_max_decay}.")
@@ -276,6 +288,24 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
                                timesteps)
         noise, input_noise = noise + haze, input_noise + haze
     return x0, noise, timesteps, labels, input_noise
+
+
+def with_rollouts(model, scheduler, x0, noise, input_noise, timesteps, labels, args, draw_on=None):
+    """--rollout_hops: for a --rollout_share of the batch, both noises replaced by the one that puts x0 where the
+    model's own chain lands (losses.rollout_noise); drawn after draw_step_inputs' numbers, which stay a plain
+    run's. Returns the two noises."""
+    device = x0.device
+    draw_on = draw_on or device
+    chosen = torch.rand(x0.shape[0], device=draw_on).to(device) < args.rollout_share
+    start_noise = torch.randn(x0.shape, device=draw_on).to(device)
+    if not chosen.any():
+        return noise, input_noise
+    rolled = rollout_noise(model, scheduler, x0[chosen], start_noise[chosen], timesteps[chosen],
+                           None if labels is None else labels[chosen], args.rollout_hops, args.rollout_stride)
+    noise, input_noise = noise.clone(), input_noise.clone()
+    noise[chosen] = rolled.to(noise.dtype)
+    input_noise[chosen] = rolled.to(input_noise.dtype)
+    return noise, input_noise
 
 
 @contextlib.contextmanager
@@ -511,6 +541,10 @@ def train(args) -> int:
             with accelerator.accumulate(unet):
                 x0, noise, timesteps, labels, input_noise = draw_step_inputs(
                     batch["pixel_values"].float(), batch.get("labels"), args, num_classes, scheduler=noise_scheduler)
+                if args.rollout_hops > 0:
+                    with accelerator.autocast():
+                        noise, input_noise = with_rollouts(accelerator.unwrap_model(unet), noise_scheduler, x0, noise,
+                                                           input_noise, timesteps, labels, args)
                 with accelerator.autocast():
                     loss = training_losses(unet, noise_scheduler, x0, timesteps, noise=noise, class_labels=labels,
                                            snr_gamma=args.snr_gamma, input_noise=input_noise).mean()
