@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
+from pipeline_ddpm_custom.losses import x0_and_eps  # noqa: E402
 from training import data  # noqa: E402
 from training.atomic_files import write_json_atomically  # noqa: E402
 
@@ -35,10 +36,7 @@ def x0_errors(pipe, x0: torch.Tensor, labels, seed: int = 0) -> list:
         timesteps = torch.full((x0.shape[0],), t)
         x_t = scheduler.add_noise(x0, noise, timesteps)
         output = pipe.unet(x_t, timesteps, class_labels=labels).sample[:, : x0.shape[1]]
-        abar = scheduler.alphas_cumprod[t].double()
-        a, s = abar.sqrt().float(), (1 - abar).sqrt().float()
-        kind = scheduler.config.prediction_type
-        x0_hat = {"epsilon": (x_t - s * output) / a, "sample": output, "v_prediction": a * x_t - s * output}[kind]
+        x0_hat, _ = x0_and_eps(scheduler.config.prediction_type, output, x_t, scheduler.alphas_cumprod[t].float())
         row = {"t": t, "x0_mse": float(((x0_hat - x0) ** 2).mean()),
                # over all pixels: the brightness bias of one step from the true x_t (a sampler's chain compounds it)
                "x0_mean_error": float((x0_hat - x0).mean()),

@@ -149,9 +149,7 @@ def _variance_vlb(scheduler, x0, x_t, timesteps, prediction, variance_values):
     beta = 1 - abar / abar_prev
     post_var = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20)
     post_mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0 + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)) * x_t
-    kind = scheduler.config.prediction_type
-    a, s = abar.sqrt(), (1 - abar).sqrt()
-    x0_hat = {"epsilon": (x_t - s * prediction) / a, "sample": prediction, "v_prediction": a * x_t - s * prediction}[kind]
+    x0_hat, _ = x0_and_eps(scheduler.config.prediction_type, prediction, x_t, abar)
     model_mean = (abar_prev.sqrt() * beta / (1 - abar)) * x0_hat + ((1 - beta).sqrt() * (1 - abar_prev) / (1 - abar)) * x_t
     frac = (variance_values + 1) / 2
     model_logvar = frac * beta.clamp(min=1e-20).log() + (1 - frac) * post_var.log()
