@@ -22,8 +22,8 @@ def garment_ink(stats: dict) -> float:
     return stats["garment_area"] * stats["garment_gray"]
 
 
-def ink_versus(stats: dict, test: dict) -> str:
-    return f"{100 * (garment_ink(stats) / garment_ink(test) - 1):+.1f}%"
+def percent_off(ink: float, test_ink: float) -> str:
+    return f"{100 * (ink / test_ink - 1):+.1f}%"
 
 
 def mean_ink(rows: list, key: str) -> float:
@@ -57,21 +57,21 @@ def table(floor: dict, runs: list) -> list:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, row in enumerate(floor["classes"]):
         test, floor_fid = row["test"], row["floor"]["fid"]
-        cells = [row["name"], f"{floor_fid:.2f}", ink_versus(row["floor"], test)]
+        cells = [row["name"], f"{floor_fid:.2f}", percent_off(garment_ink(row["floor"]), garment_ink(test))]
         for _, run in runs:
             samples = run["classes"][i]["samples"]
             cells += [f"{samples['fid']:.2f} ({samples['mean_term']:.2f})", f"{samples['fid'] / floor_fid:.2f}x",
                       f"{samples['garment_gray']:.1f} / {samples['garment_area']:.3f} / {garment_ink(samples):.1f}",
-                      ink_versus(samples, test)]
+                      percent_off(garment_ink(samples), garment_ink(test))]
         cells.append(f"{test['garment_gray']:.1f} / {test['garment_area']:.3f} / {garment_ink(test):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     floor_all = floor["all"]["floor"]["fid"]
     test_ink = mean_ink(floor["classes"], "test")
-    cells = ["all", f"{floor_all:.2f}", f"{100 * (mean_ink(floor['classes'], 'floor') / test_ink - 1):+.1f}%"]
+    cells = ["all", f"{floor_all:.2f}", percent_off(mean_ink(floor["classes"], "floor"), test_ink)]
     for _, run in runs:
         overall, ink = run["all"]["samples"], mean_ink(run["classes"], "samples")
         cells += [f"{overall['fid']:.2f} ({overall['mean_term']:.2f})", f"{overall['fid'] / floor_all:.2f}x",
-                  f"ink {ink:.1f}", f"{100 * (ink / test_ink - 1):+.1f}%"]
+                  f"ink {ink:.1f}", percent_off(ink, test_ink)]
     cells.append(f"ink {test_ink:.1f}")
     lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -36,7 +36,8 @@ def x0_errors(pipe, x0: torch.Tensor, labels, seed: int = 0) -> list:
         timesteps = torch.full((x0.shape[0],), t)
         x_t = scheduler.add_noise(x0, noise, timesteps)
         output = pipe.unet(x_t, timesteps, class_labels=labels).sample[:, : x0.shape[1]]
-        x0_hat, _ = x0_and_eps(scheduler.config.prediction_type, output, x_t, scheduler.alphas_cumprod[t].float())
+        # abar as a float64 scalar: 1 - abar at t = 0 needs the digits; the result stays in x_t's float32
+        x0_hat, _ = x0_and_eps(scheduler.config.prediction_type, output, x_t, scheduler.alphas_cumprod[t])
         row = {"t": t, "x0_mse": float(((x0_hat - x0) ** 2).mean()),
                # over all pixels: the brightness bias of one step from the true x_t (a sampler's chain compounds it)
                "x0_mean_error": float((x0_hat - x0).mean()),

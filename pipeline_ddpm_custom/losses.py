@@ -79,8 +79,7 @@ def rollout_noise(model, scheduler, x0: torch.Tensor, start_noise: torch.Tensor,
         there = start - torch.div((start - timesteps) * (k + 1), hops, rounding_mode="floor")
         output = model(x, here, class_labels=class_labels).sample.float()[:, : x0.shape[1]]
         x0_hat, eps_hat = x0_and_eps(kind, output, x, abar_table[here].float().view(shape))
-        abar_there = abar_table[there].float().view(shape)
-        moved = abar_there.sqrt() * x0_hat + (1 - abar_there).sqrt() * eps_hat
+        moved = scheduler.add_noise(x0_hat, eps_hat, there)  # DDIM (eta 0): x0 and eps re-mixed at the next level
         x = torch.where((here > there).view(shape), moved, x)  # an image already at T - 1 has nowhere to come from
     abar_t = abar_table[timesteps].float().view(shape)
     return (x - abar_t.sqrt() * x0.float()) / (1 - abar_t).sqrt()
