@@ -935,3 +935,82 @@ def test_studies_sample_with_the_timestep_spacing_they_are_given(tmp_path):
     fid = trailing["runs"][0]["all"]["samples"]["fid"]
     assert fid == pytest.approx(measured["runs"][0]["fid"], rel=1e-6)
     assert fid != leading["runs"][0]["all"]["samples"]["fid"]
+
+
+def test_x0_mean_along_chain_is_zero_for_an_exact_model_and_finds_a_bias_and_a_dim_chain():
+    """benchmarks/x0_mean_along_chain.py: data of one fixed image per class, and a model that knows it (its x0
+    prediction is the image of the label it is given): at every step the x0 prediction's class average is the
+    data's and the chain's x_t have q's mean square, under DDIM and the ancestral chain. A model one class of which
+    sees its image 0.05 brighter reads +6.4 gray levels in that class only, at every step (3 classes in batches of
+    64: the labels follow the images across batches); one that predicts every image at half contrast drives the
+    x_t off q."""
+    from sampler_study import unet_output_changed
+    from x0_mean_along_chain import GRAY, ChainMoments, reference_statistics
+
+    from training.evaluate import sample
+
+    pipe = tiny_pipeline(num_train_timesteps=1000, num_class_embeds=3)
+    images = torch.zeros(3, 1, 8, 8)
+    images[0, :, 2:6, 2:6], images[1, :, 1:7, 3:5], images[2, :, 4:8, :] = 0.8, 0.6, 0.7
+    regions, reference, reference_square = reference_statistics(images.repeat(2, 1, 1, 1), np.array([0, 1, 2] * 2), 3)
+    assert regions["garment core"].sum(1).tolist() == [16, 12, 32] and (regions["elsewhere"] == ~regions["garment core"]).all()
+    x0_of_class = images * 2 - 1
+    abar = pipe.scheduler.alphas_cumprod
+
+    def knows(shift=(0.0, 0.0, 0.0), contrast=1.0):
+        def change(output, x_t, t, class_labels=None):
+            a = abar[int(t)].double()
+            x0 = contrast * x0_of_class[class_labels].double() + torch.tensor(shift, dtype=torch.float64)[class_labels, None, None, None]
+            return ((x_t.double() - a.sqrt() * x0) / (1 - a).sqrt()).float()  # the epsilon that gives x0
+        return change
+
+    labels = torch.arange(200) % 3
+
+    def chain(change, eta):
+        moments = ChainMoments(regions, 3)
+        with unet_output_changed(pipe, change):
+            samples = sample(pipe, 200, 10, eta, 0, 64, 1.0, callback_on_step_end=moments,
+                             callback_on_step_end_tensor_inputs=["pred_original_sample", "latents"])
+        return samples, moments.rows(labels, reference, reference_square, abar.double())
+
+    for eta in (0.0, 1.0):
+        samples, rows = chain(knows(), eta)
+        assert [r["t"] for r in rows] == [int(t) for t in pipe.scheduler.timesteps] and "x_next" not in rows[-1]
+        for row in rows:
+            for region in row["regions"].values():
+                assert region["gap"] == pytest.approx(0, abs=0.01) and max(map(abs, region["gap_by_class"])) < 0.01
+        assert [r["x_next"]["square_over_q"] for r in rows[:-1]] == pytest.approx([1.0] * (len(rows) - 1), abs=0.05)
+        assert rows[-2]["x_next"]["x0_gray"] == pytest.approx(rows[-2]["x_next"]["reference_gray"], abs=0.5)
+        torch.testing.assert_close(samples, images[labels], atol=2e-3, rtol=0)
+
+    _, brighter = chain(knows(shift=(0.0, 0.05, 0.0)), 0.0)
+    for row in brighter:
+        assert row["regions"]["all"]["gap_by_class"] == pytest.approx([0.0, 0.05 * GRAY, 0.0], abs=0.01)
+    _, dim = chain(knows(contrast=0.5), 0.0)
+    assert dim[-2]["x_next"]["square_over_q"] < 0.7 and dim[-1]["regions"]["garment core"]["gap"] < -20
+
+
+def test_x0_mean_along_chain_writes_every_run_and_refuses_bad_arguments(tmp_path):
+    """The script end to end on a tiny model: one run per (steps, eta), one row per step (the last hands on no x_t),
+    the finished samples scored as saved, the plot drawn; the reference is Fashion-MNIST's train split, whose
+    average pixel is the 0.2860 that every normalisation of the dataset quotes."""
+    from x0_mean_along_chain import main as chain_main
+
+    tiny_pipeline(num_train_timesteps=20, num_class_embeds=10).save_pretrained(tmp_path / "small")
+    with pytest.raises(ValueError, match="8x8 images, Fashion-MNIST's are"):
+        chain_main(["--model", str(tmp_path / "small"), "--num-samples", "2", "--steps", "1"])
+    tiny_pipeline(num_train_timesteps=20, num_class_embeds=10, sample_size=28, attention_resolutions=(14,)).save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "20", "--device", "cpu"]
+    results = chain_main(common + ["--steps", "3", "4", "--etas", "0", "1", "--out", str(tmp_path / "chain.json"),
+                                   "--plot", str(tmp_path / "chain.png")])
+    assert json.loads((tmp_path / "chain.json").read_text()) == results and (tmp_path / "chain.png").stat().st_size > 0
+    assert [(run["steps"], run["sampler"]) for run in results["runs"]] == [
+        (3, "DDIM"), (3, "DDPM ancestral"), (4, "DDIM"), (4, "DDPM ancestral")]
+    for run in results["runs"]:
+        assert len(run["rows"]) == run["steps"] and ["x_next" in row for row in run["rows"]] == [True] * (run["steps"] - 1) + [False]
+        assert set(run["samples"]) == set(run["rows"][0]["regions"]) == {"all", "garment core", "elsewhere"}
+        assert run["samples"]["all"]["reference_gray"] == pytest.approx(0.2860 * 255, abs=0.05)
+        assert len(run["samples"]["all"]["gap_by_class"]) == 10
+    for bad in (["--num-samples", "1"], ["--steps", "0"], ["--etas", "-1"]):
+        with pytest.raises(SystemExit):
+            chain_main(common + bad)
