@@ -93,13 +93,20 @@ class ChainMoments:
     def rows(self, labels: torch.Tensor, reference: dict, reference_square: torch.Tensor,
              alphas_cumprod: torch.Tensor) -> list:
         """One row per step: per region, the x0 prediction's average gray level and its gap to the reference images'
-        (over all images, with its standard error, and class by class); and the x_t that the step hands on (to the
+        (over all images, with its standard error, and class by class) and the gap's change since the first step
+        (paired image by image, with its standard error); and the x_t that the step hands on (to the
         next step's timestep) against q: its mean read as gray levels of x0, and its mean square over q's."""
-        rows = []
+        rows, first = [], {name: torch.cat(parts) for name, parts in self.x0[0].items()}
         for i in sorted(self.x0):
             row = {"step": i, "t": self.timesteps[i], "regions": {}}
             for name, parts in self.x0[i].items():
-                row["regions"][name] = gap_summary(torch.cat(parts), reference[name][labels], labels, self.classes)
+                values = torch.cat(parts)
+                row["regions"][name] = gap_summary(values, reference[name][labels], labels, self.classes)
+                # image by image against its own first prediction: far less noisy than the gap, which carries the
+                # spread between images, so it says whether the gap moved between two steps
+                change = (values - first[name]) * GRAY
+                row["regions"][name].update(change_since_first_step=float(change.mean()),
+                                            change_standard_error=float(change.std() / len(change) ** 0.5))
             if i + 1 < len(self.timesteps):  # the last step hands on the sample, not a noised image
                 t_next = self.timesteps[i + 1]
                 abar = float(alphas_cumprod[t_next])

@@ -986,8 +986,24 @@ def test_x0_mean_along_chain_is_zero_for_an_exact_model_and_finds_a_bias_and_a_d
     _, brighter = chain(knows(shift=(0.0, 0.05, 0.0)), 0.0)
     for row in brighter:
         assert row["regions"]["all"]["gap_by_class"] == pytest.approx([0.0, 0.05 * GRAY, 0.0], abs=0.01)
+        assert abs(row["regions"]["all"]["change_since_first_step"]) < 0.01  # the same bias from the first step on
     _, dim = chain(knows(contrast=0.5), 0.0)
     assert dim[-2]["x_next"]["square_over_q"] < 0.7 and dim[-1]["regions"]["garment core"]["gap"] < -20
+    # a model that dims its prediction as the noise falls: the change since the first step, paired image by image
+    def contrast(t):
+        return 1 - 0.4 * (1 - int(t) / 1000)
+
+    _, fading = chain(lambda output, x_t, t, class_labels=None: knows(contrast=contrast(t))(
+        output, x_t, t, class_labels), 0.0)
+    changes = [row["regions"]["garment core"]["change_since_first_step"] for row in fading]
+    assert changes[0] == 0 and all(b < a for a, b in zip(changes, changes[1:]))
+    first, last = pipe.scheduler.timesteps[0], pipe.scheduler.timesteps[-1]
+    core = regions["garment core"].view(3, 1, 8, 8)
+    by_class = torch.stack([x0_of_class[k][core[k]].mean() for k in range(3)]).double() * (contrast(last) - contrast(first)) * GRAY
+    expected = by_class[labels]
+    assert changes[-1] == pytest.approx(float(expected.mean()), abs=0.01)
+    assert fading[-1]["regions"]["garment core"]["change_standard_error"] == pytest.approx(
+        float(expected.std() / len(expected) ** 0.5), abs=0.01)
 
 
 def test_x0_mean_along_chain_writes_every_run_and_refuses_bad_arguments(tmp_path):
