@@ -61,6 +61,7 @@ def unet_weights(folder, variant=None):
         (["--ema_min_decay", "0.9", "--ema_max_decay", "0.5"], "--ema_min_decay <= --ema_max_decay"),
         (["--rollout_hops", "-1"], "--rollout_hops must be >= 0"),
         (["--rollout_hops", "2", "--rollout_share", "0"], "--rollout_share must lie in"),
+        (["--rollout_hops", "2", "--rollout_timesteps", "600", "150"], "--rollout_timesteps LOW HIGH must satisfy"),
     ],
 )
 def test_argument_errors_are_clear(tmp_path, capsys, argv, message):
@@ -435,3 +436,12 @@ def test_rollouts_replace_both_noises_for_their_share_only_and_are_drawn_last():
     replaced, _ = with_rollouts(zeros, scheduler, x0, noise, input_noise, timesteps, labels, every)
     top = timesteps == 999
     assert ((replaced != noise).flatten(1).any(dim=1) | top).all()
+    window = parse_args(["--output_dir", "x", "--rollout_hops", "2", "--rollout_share", "1", "--rollout_timesteps", "150", "600"])
+    torch.manual_seed(4)
+    every_again, _ = with_rollouts(zeros, scheduler, x0, noise, input_noise, timesteps, labels, every)
+    torch.manual_seed(4)
+    windowed, _ = with_rollouts(zeros, scheduler, x0, noise, input_noise, timesteps, labels, window)
+    inside = (timesteps >= 150) & (timesteps <= 600)
+    assert inside.any() and (~inside).any()
+    assert torch.equal((windowed != noise).flatten(1).any(dim=1), inside)  # all of the window, nothing outside it
+    torch.testing.assert_close(windowed[inside], every_again[inside])  # the same draws as without the window

@@ -86,6 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rollout_stride", type=int, default=20,
                    help="timesteps per rollout hop (20: the spacing of a 50-step chain over 1000 steps)")
     g.add_argument("--rollout_share", type=float, default=0.5, help="share of each batch that gets a rollout")
+    g.add_argument("--rollout_timesteps", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="only images whose timestep lies in [LOW, HIGH] get a rollout (default: every timestep); "
+                        "at small t the rollout's noise is the chain's error divided by sqrt(1 - abar_t), so a LOW "
+                        "keeps the targets near the forward process's")
     g.add_argument("--class_conditional", action="store_true", help="condition on the label column (classifier-free guidance)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="probability of training with the null class")
     g.add_argument("--gradient_checkpointing", action="store_true")
@@ -172,6 +176,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"{args.rollout_hops} and {args.rollout_stride}.")
     if not 0.0 < args.rollout_share <= 1.0:
         raise ValueError(f"--rollout_share must lie in (0, 1] (the share of images that get a rollout), got {args.rollout_share}.")
+    if args.rollout_timesteps is not None and not 0 <= args.rollout_timesteps[0] <= args.rollout_timesteps[1]:
+        raise ValueError(f"--rollout_timesteps LOW HIGH must satisfy 0 <= LOW <= HIGH, got {args.rollout_timesteps}.")
     if not 0.0 <= args.ema_min_decay <= args.ema_max_decay < 1.0:
         raise ValueError(f"The EMA decays must satisfy 0 <= --ema_min_decay <= --ema_max_decay < 1, got "
                          f"{args.ema_min_decay} and {args.ema_max_decay}.")
@@ -291,13 +297,16 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
 
 
 def with_rollouts(model, scheduler, x0, noise, input_noise, timesteps, labels, args, draw_on=None):
-    """--rollout_hops: for a --rollout_share of the batch, both noises replaced by the one that puts x0 where the
-    model's own chain lands (losses.rollout_noise); drawn after draw_step_inputs' numbers, which stay a plain
+    """--rollout_hops: for a --rollout_share of the batch (of its images in --rollout_timesteps, if given), both noises
+    replaced by the one that puts x0 where the model's own chain lands (losses.rollout_noise); drawn after draw_step_inputs' numbers, which stay a plain
     run's. Returns the two noises."""
     device = x0.device
     draw_on = draw_on or device
     chosen = torch.rand(x0.shape[0], device=draw_on).to(device) < args.rollout_share
     start_noise = torch.randn(x0.shape, device=draw_on).to(device)
+    if args.rollout_timesteps is not None:  # after the draws, so that they do not depend on the window
+        low, high = args.rollout_timesteps
+        chosen &= (timesteps >= low) & (timesteps <= high)
     if not chosen.any():
         return noise, input_noise
     rolled = rollout_noise(model, scheduler, x0[chosen], start_noise[chosen], timesteps[chosen],
