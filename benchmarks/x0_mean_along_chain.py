@@ -75,7 +75,7 @@ class ChainMoments:
     sampling order and image k has class label k % classes, as training.evaluate draws them."""
 
     def __init__(self, regions: dict, classes: int):
-        self.regions, self.classes, self.next_image, self.timesteps = regions, classes, 0, None
+        self.regions, self.classes, self.next_image, self.timesteps, self.batch_labels = regions, classes, 0, None, None
         self.x0, self.xt_mean, self.xt_square = {}, {}, {}
 
     def __call__(self, pipe, i, t, tensors):
@@ -102,8 +102,9 @@ class ChainMoments:
             for name, parts in self.x0[i].items():
                 values = torch.cat(parts)
                 row["regions"][name] = gap_summary(values, reference[name][labels], labels, self.classes)
-                # image by image against its own first prediction: far less noisy than the gap, which carries the
-                # spread between images, so it says whether the gap moved between two steps
+                # image by image against its own first prediction (a blurred class average, nearly the same for
+                # every image): in the early steps far less noisy than the gap, which carries the spread between
+                # images, so it says whether the gap has moved yet; late in the chain the two noises are alike
                 change = (values - first[name]) * GRAY
                 row["regions"][name].update(change_since_first_step=float(change.mean()),
                                             change_standard_error=float(change.std() / len(change) ** 0.5))

@@ -297,9 +297,9 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
 
 
 def with_rollouts(model, scheduler, x0, noise, input_noise, timesteps, labels, args, draw_on=None):
-    """--rollout_hops: for a --rollout_share of the batch (of its images in --rollout_timesteps, if given), both noises
-    replaced by the one that puts x0 where the model's own chain lands (losses.rollout_noise); drawn after draw_step_inputs' numbers, which stay a plain
-    run's. Returns the two noises."""
+    """--rollout_hops: for a --rollout_share of the batch (of its images in --rollout_timesteps, if given), both
+    noises replaced by the one that puts x0 where the model's own chain lands (losses.rollout_noise); drawn after
+    draw_step_inputs' numbers, which stay a plain run's. Returns the two noises."""
     device = x0.device
     draw_on = draw_on or device
     chosen = torch.rand(x0.shape[0], device=draw_on).to(device) < args.rollout_share
