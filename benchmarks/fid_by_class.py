@@ -53,11 +53,14 @@ def terms_against(extractor, reference: torch.Tensor, compared: dict, device) ->
     return out
 
 
+GARMENT_LEVEL = 15  # gray levels: a pixel over it is garment (area, gray and ink here; x0_mean_along_chain's regions)
+
+
 def pixel_statistics(images: torch.Tensor) -> dict:
     """What the eye would check first, to put words to a mean term: the garment's area (pixels over 15 gray levels)
     and its mean gray level, in gray levels of 255."""
     levels = images.float() * 255
-    garment = levels > 15
+    garment = levels > GARMENT_LEVEL
     return {"garment_area": float(garment.float().mean()), "garment_gray": float(levels[garment].mean())}
 
 

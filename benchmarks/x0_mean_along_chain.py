@@ -26,12 +26,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.fid_by_class import GARMENT_LEVEL  # noqa: E402
 from pipeline_ddpm_custom import DDPMCustomPipeline  # noqa: E402
 from training.atomic_files import write_json_atomically  # noqa: E402
 from training.evaluate import default_batch_size, real_images, sample, sampler_label  # noqa: E402
 
 GRAY = 127.5  # x0 lives in [-1, 1]: one gray level of 255 is 1 / 127.5
-GARMENT_LEVEL = 15  # gray levels: a pixel over it is garment, as fid_by_class.py counts area
+
+
+def class_means(values: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """(classes,): the mean of the per-image `values` (N,) over each class's images."""
+    return torch.stack([values[labels == c].mean() for c in range(classes)])
 
 
 def class_regions(images: torch.Tensor, labels: np.ndarray, classes: int) -> dict:
@@ -63,10 +68,8 @@ def reference_statistics(images: torch.Tensor, labels: np.ndarray, classes: int)
     regions = class_regions(images, labels, classes)
     labels = torch.from_numpy(np.asarray(labels))
     x = images.double() * 2 - 1
-    means = {name: torch.stack([values[labels == c].mean() for c in range(classes)])
-             for name, values in region_means(x, labels, regions).items()}
-    square = (x.flatten(1) ** 2).mean(1)
-    return regions, means, torch.stack([square[labels == c].mean() for c in range(classes)])
+    means = {name: class_means(values, labels, classes) for name, values in region_means(x, labels, regions).items()}
+    return regions, means, class_means((x.flatten(1) ** 2).mean(1), labels, classes)
 
 
 class ChainMoments:
@@ -114,7 +117,7 @@ class ChainMoments:
                 mean, square = torch.cat(self.xt_mean[i]), torch.cat(self.xt_square[i])
                 expected_square = abar * reference_square[labels] + 1 - abar
                 row["x_next"] = {"t": t_next, "x0_gray": float((mean.mean() / abar**0.5 + 1) * GRAY),
-                                 "reference_gray": float((reference["all"][labels].mean() + 1) * GRAY),
+                                 "reference_gray": row["regions"]["all"]["reference_gray"],
                                  "square_over_q": float(square.mean() / expected_square.mean())}
             rows.append(row)
         return rows
@@ -125,7 +128,7 @@ def gap_summary(values: torch.Tensor, reference: torch.Tensor, labels: torch.Ten
     gap = (values - reference) * GRAY
     return {"gray": float((values.mean() + 1) * GRAY), "reference_gray": float((reference.mean() + 1) * GRAY),
             "gap": float(gap.mean()), "gap_standard_error": float(gap.std() / len(gap) ** 0.5),
-            "gap_by_class": [float(gap[labels == c].mean()) for c in range(classes)]}
+            "gap_by_class": class_means(gap, labels, classes).tolist()}
 
 
 def rounded(value, digits: int = 4):
@@ -190,7 +193,7 @@ def main(argv=None) -> dict:
                    "samples": {name: gap_summary(means, reference[name][labels], labels, classes)
                                for name, means in finished.items()}}
             results["runs"].append(rounded(run))
-            shown = rows[:: max(1, len(rows) // 10)] + ([] if (len(rows) - 1) % max(1, len(rows) // 10) == 0 else rows[-1:])
+            shown = [rows[i] for i in sorted({*range(0, len(rows), max(1, len(rows) // 10)), len(rows) - 1})]
             for name in regions:
                 print(f"{run['sampler']}, {steps} steps, {name}: x0 prediction minus the training images (gray levels) "
                       "at t = " + ", ".join(f"{r['t']} {r['regions'][name]['gap']:+.2f}" for r in shown)
