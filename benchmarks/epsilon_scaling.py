@@ -9,6 +9,7 @@ by a constant lambda (> 1 in the paper) and x0 re-derived from it, before the sc
 For each lambda this samples N images as training.evaluate draws them (same seeds, class labels
 cycling 0..9) and reports FID and KID with the offline extractor against Fashion-MNIST's test split,
 with the share of black and faint pixels (background_haze.py's bands). lambda = 1 is the plain sampler.
+`--below T` scales only the steps at t < T (e.g. 600, where x0_mean_along_chain.py finds the chain drifting).
 """
 
 import argparse
@@ -35,20 +36,29 @@ def scale_epsilon(scheduler, model_output, sample_, timestep, scale: float):
     return training_target(scheduler, scheduler.predict_start_from_noise(sample_, t, eps), eps, torch.tensor(t))
 
 
-def epsilon_scaled(pipe, scale: float):
-    """Within the block, pipe.unet's outputs are epsilon-scaled by `scale` for pipe.scheduler's noise levels."""
-    return unet_output_changed(pipe, lambda out, x, t, *args, **kwargs: scale_epsilon(
-        pipe.scheduler, out.float(), x.float(), t, scale).to(out.dtype))
+def epsilon_scaled(pipe, scale: float, below: int = None):
+    """Within the block, pipe.unet's outputs are epsilon-scaled by `scale` for pipe.scheduler's noise levels;
+    with `below`, only at timesteps t < below (the rest of the chain as the model has it)."""
+    def change(out, x, t, *args, **kwargs):
+        if below is not None and int(torch.as_tensor(t).flatten()[0]) >= below:
+            return out
+        return scale_epsilon(pipe.scheduler, out.float(), x.float(), t, scale).to(out.dtype)
+
+    return unet_output_changed(pipe, change)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_arguments(parser)
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.005, 1.01, 0.995])
+    parser.add_argument("--below", type=int, default=None, metavar="T",
+                        help="scale only at timesteps t < T, where a chain drifts (default: every step)")
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
     if min(args.scales) <= 0:
         parser.error("--scales must be positive (1 = no scaling).")
+    if args.below is not None and args.below < 1:
+        parser.error(f"--below {args.below} scales no step: pass a timestep of the chain (1 to the training steps).")
     return args
 
 
@@ -58,9 +68,10 @@ def main(argv=None):
     results = {"setup": study.setup(), "runs": []}
     for scale in args.scales:
         start = time.time()
-        with epsilon_scaled(study.pipe, scale):
+        with epsilon_scaled(study.pipe, scale, args.below):
             images = study.draw()
-        run = {"scale": scale, **study.score(images), "pixels": pixel_shares(images),
+        window = {"below": args.below} if args.below is not None else {}
+        run = {"scale": scale, **window, **study.score(images), "pixels": pixel_shares(images),
                "seconds": round(time.time() - start, 1)}
         study.keep(results, run, f"scale {scale}: FID {run['fid']:.2f}  KID {run['kid']:.3f}  "
                                  f"black {run['pixels']['black (<0.5)']:.3f}")

@@ -530,14 +530,26 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
     with epsilon_scaled(pipe, 1.0):
         torch.testing.assert_close(draw(), plain)
     with epsilon_scaled(pipe, 1.2):
-        assert not torch.allclose(draw(), plain, atol=1e-3)
+        scaled = draw()
+    assert not torch.allclose(scaled, plain, atol=1e-3)
     torch.testing.assert_close(draw(), plain)
+    # --below T: only the steps at t < T (the 4-step chain here is t = 15, 10, 5, 0)
+    with epsilon_scaled(pipe, 1.2, below=20):
+        torch.testing.assert_close(draw(), scaled)
+    with epsilon_scaled(pipe, 1.2, below=1):  # t = 0 only: the last step, which returns x0
+        last_only = draw()
+    assert not torch.allclose(last_only, plain, atol=1e-4) and not torch.allclose(last_only, scaled, atol=1e-3)
+    with epsilon_scaled(pipe, 1.2, below=11):
+        late = draw()
+    assert not torch.allclose(late, last_only, atol=1e-4) and not torch.allclose(late, scaled, atol=1e-3)
     pipe.save_pretrained(tmp_path / "model")
     results = scaling_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "2",
                             "--scales", "1", "1.2", "--device", "cpu", "--out", str(tmp_path / "scaling.json")])
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert [run["scale"] for run in saved["runs"]] == [1.0, 1.2] and saved == json.loads(json.dumps(results))
     assert all(run["fid"] > 0 and sum(run["pixels"].values()) == pytest.approx(1.0, abs=1e-6) for run in saved["runs"])
+    with pytest.raises(SystemExit):
+        scaling_main(["--model", str(tmp_path / "model"), "--below", "0"])
 
 
 def test_autoguidance_extrapolates_from_the_guide_and_refuses_a_guide_of_another_task(tmp_path):
