@@ -544,9 +544,10 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
     assert not torch.allclose(late, last_only, atol=1e-4) and not torch.allclose(late, scaled, atol=1e-3)
     pipe.save_pretrained(tmp_path / "model")
     results = scaling_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "2",
-                            "--scales", "1", "1.2", "--device", "cpu", "--out", str(tmp_path / "scaling.json")])
+                            "--scales", "1", "1.2", "--below", "20", "--device", "cpu", "--out", str(tmp_path / "scaling.json")])
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert [run["scale"] for run in saved["runs"]] == [1.0, 1.2] and saved == json.loads(json.dumps(results))
+    assert all(run["below"] == 20 for run in saved["runs"])
     assert all(run["fid"] > 0 and sum(run["pixels"].values()) == pytest.approx(1.0, abs=1e-6) for run in saved["runs"])
     with pytest.raises(SystemExit):
         scaling_main(["--model", str(tmp_path / "model"), "--below", "0"])
