@@ -40,7 +40,7 @@ def epsilon_scaled(pipe, scale: float, below: int = None):
     """Within the block, pipe.unet's outputs are epsilon-scaled by `scale` for pipe.scheduler's noise levels;
     with `below`, only at timesteps t < below (the rest of the chain as the model has it)."""
     def change(out, x, t, *args, **kwargs):
-        if below is not None and int(torch.as_tensor(t).flatten()[0]) >= below:
+        if below is not None and pipe.scheduler._check_timestep(t) >= below:  # t as scale_epsilon reads it
             return out
         return scale_epsilon(pipe.scheduler, out.float(), x.float(), t, scale).to(out.dtype)
 
