@@ -1,11 +1,11 @@
-"""What the sampler studies share (epsilon_scaling.py, timestep_placement.py, autoguidance.py, background_haze.py,
-fid_by_class.py).
+"""What the sampler studies share (epsilon_scaling.py, time_shift.py, timestep_placement.py, autoguidance.py,
+background_haze.py, fid_by_class.py).
 
 Each draws N samples from a saved pipeline as training.evaluate draws them (same seeds, class labels
 cycling 0..9), scores them with the offline extractor against Fashion-MNIST's test split, and writes
 its results as JSON that starts with the same `setup` block. This module holds those common parts:
 the command-line options, the loaded model and metrics, the setup block, the sampling call and the
-patching of the UNet's output that epsilon_scaling.py and autoguidance.py study.
+patching of the UNet's calls that epsilon_scaling.py, autoguidance.py and time_shift.py study.
 """
 
 import argparse
@@ -60,15 +60,13 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 @contextlib.contextmanager
-def unet_output_changed(pipe, change):
-    """Within the block, every call of pipe.unet returns its output with `.sample` replaced by
-    change(sample, x, t, *args, **kwargs); afterwards the UNet is as it was."""
+def unet_call_changed(pipe, call):
+    """Within the block, every call of pipe.unet(x, t, ...) returns call(forward, x, t, ...), `forward` being the
+    UNet's own (a study that changes what the model is asked, not only its answer); afterwards the UNet is as it was."""
     unet, forward = pipe.unet, pipe.unet.forward
 
     def changed_forward(x, t, *args, **kwargs):
-        out = forward(x, t, *args, **kwargs)
-        out.sample = change(out.sample, x, t, *args, **kwargs)
-        return out
+        return call(forward, x, t, *args, **kwargs)
 
     patched_already = "forward" in vars(unet)  # e.g. an accelerate hook's wrapper: put it back as it was
     unet.forward = changed_forward
@@ -79,6 +77,17 @@ def unet_output_changed(pipe, change):
             unet.forward = forward
         else:
             del unet.forward  # back to the class's forward
+
+
+def unet_output_changed(pipe, change):
+    """Within the block, every call of pipe.unet returns its output with `.sample` replaced by
+    change(sample, x, t, *args, **kwargs); afterwards the UNet is as it was."""
+    def call(forward, x, t, *args, **kwargs):
+        out = forward(x, t, *args, **kwargs)
+        out.sample = change(out.sample, x, t, *args, **kwargs)
+        return out
+
+    return unet_call_changed(pipe, call)
 
 
 @dataclass

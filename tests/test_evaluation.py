@@ -553,6 +553,87 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
         scaling_main(["--model", str(tmp_path / "model"), "--below", "0"])
 
 
+def test_time_shift_reads_the_noise_level_of_noised_data():
+    """benchmarks/time_shift.py: x_t drawn from q(x_t | x_0) at t = 300 (images of one known pixel variance) read as
+    t = 300 within a few steps from a window of +-40 around 320 under the data yardstick, and over 40 steps noisier
+    under the noise-only one (content read as noise); the window stays above the chain's next timestep."""
+    from time_shift import expected_variance, shifted_timestep
+
+    scheduler = DDPMCustomScheduler(num_train_timesteps=1000)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.where(torch.rand(512, 1, 28, 28, generator=generator) < 0.5, -0.6, 0.4)  # per-image variance 0.25
+    data_var = float(x0.flatten(1).var(dim=1).mean())
+    x_t = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), torch.tensor(300))
+    variance = float(x_t.double().flatten(1).var(dim=1).mean())
+    read = shifted_timestep(expected_variance(scheduler.alphas_cumprod, data_var), variance, 320, 200, 40)
+    assert abs(read - 300) <= 5
+    assert shifted_timestep(expected_variance(scheduler.alphas_cumprod, 0.0), variance, 320, 200, 40) > read + 40
+    assert shifted_timestep(expected_variance(scheduler.alphas_cumprod, data_var), variance, 320, 310, 40) == 311
+    assert shifted_timestep(expected_variance(scheduler.alphas_cumprod, data_var), variance, 990, 950, 40) == 951
+    assert shifted_timestep(expected_variance(scheduler.alphas_cumprod, data_var), variance, 320, 200, 0) == 320
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_time_shift_asks_the_model_at_the_shifted_timestep_and_steps_from_there(prediction_type, tmp_path):
+    """Inside time_shifted the UNet answers for t_s and the scheduler's DDIM step is the one from t_s to the chain's
+    next timestep (Li et al. 2024), written out here from the model's output at t_s; window 0 and leaving the block
+    give the plain sampler back; the script writes one scored run per window with the shifts it took."""
+    from time_shift import main as shift_main, time_shifted
+
+    pipe = tiny_pipeline(num_train_timesteps=1000)
+    pipe.scheduler = DDPMCustomScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(10)  # 900, 800, ..., 0
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    variance = float(x.double().flatten(1).var(dim=1).mean())
+    expected = (torch.arange(1000) - 530).abs().double() + variance  # nearest at t = 530
+    with torch.no_grad():
+        at_530 = pipe.unet(x, 530).sample
+        at_500 = pipe.unet(x, 500).sample
+        plain = scheduler.step(at_500, 500, x, eta=0.0).prev_sample
+        shifts = {}
+        with time_shifted(pipe, 80, expected, shifts=shifts):
+            out = pipe.unet(x, 500).sample
+            torch.testing.assert_close(out, at_530)
+            stepped = scheduler.step(out, 500, x, eta=0.0).prev_sample
+        assert shifts == {500: [30]}
+        a_s, a_prev = scheduler.alphas_cumprod[530].double(), scheduler.alphas_cumprod[400].double()
+        v = at_530.double()
+        if prediction_type == "epsilon":
+            eps = v
+            x0 = (x - (1 - a_s).sqrt() * eps) / a_s.sqrt()
+        else:
+            x0, eps = a_s.sqrt() * x - (1 - a_s).sqrt() * v, (1 - a_s).sqrt() * x + a_s.sqrt() * v
+        torch.testing.assert_close(stepped.double(), a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(stepped, plain, atol=1e-3)
+        at_510 = pipe.unet(x, 510).sample
+        with time_shifted(pipe, 20, expected):  # 530 out of reach: the window's top, 510
+            torch.testing.assert_close(pipe.unet(x, 500).sample, at_510)
+        with time_shifted(pipe, 80, expected, above=500):  # the authors' cutoff: no shift at t <= 500
+            torch.testing.assert_close(pipe.unet(x, 500).sample, at_500)
+        torch.testing.assert_close(pipe.unet(x, 500).sample, at_500)
+        torch.testing.assert_close(scheduler.step(at_500, 500, x, eta=0.0).prev_sample, plain)
+        assert "_chain_coefficients" not in vars(scheduler) and "forward" not in vars(pipe.unet)
+
+    def draw():
+        return pipe(batch_size=2, num_inference_steps=4, eta=0.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    reference = draw()
+    with time_shifted(pipe, 0, expected):
+        torch.testing.assert_close(draw(), reference)
+    pipe.save_pretrained(tmp_path / "model")
+    results = shift_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "2", "--windows", "0", "40",
+                          "--device", "cpu", "--out", str(tmp_path / "shift.json")])
+    saved = json.loads((tmp_path / "shift.json").read_text())
+    assert [run["window"] for run in saved["runs"]] == [0, 40] and saved == json.loads(json.dumps(results))
+    assert saved["setup"]["yardstick"] == "data" and 0.2 < saved["setup"]["data_variance"] < 0.7
+    assert all(list(run["mean_shift_by_t"]) == ["500", "0"] for run in saved["runs"])
+    assert set(saved["runs"][0]["mean_shift_by_t"].values()) == {0}
+    assert all(run["fid"] > 0 for run in saved["runs"])
+    with pytest.raises(SystemExit):
+        shift_main(["--model", str(tmp_path / "model"), "--windows", "-2"])
+
+
 def test_autoguidance_extrapolates_from_the_guide_and_refuses_a_guide_of_another_task(tmp_path):
     """benchmarks/autoguidance.py: inside its block the UNet returns guide + w (model - guide), computed here from
     the two UNets called separately, for the same x_t, t and labels; weight 1 and leaving the block restore the
