@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"{args.model} draws {pipe.unet.config.in_channels}x{pipe.unet.config.sample_size}x"
                          f"{pipe.unet.config.sample_size} images, Fashion-MNIST's are {image_shape}: this study "
                          "holds a model to Fashion-MNIST's train split, so it needs a model of those images.")
-    images, train_labels = real_images("train", 10**9, args.seed, "cpu", label_column="label")
+    images, train_labels = real_images("train", None, args.seed, "cpu", label_column="label")
     regions, reference, reference_square = reference_statistics(
         images, train_labels if classes > 1 else np.zeros(len(images), int), classes)
     labels = torch.arange(args.num_samples) % classes  # as training.evaluate labels its samples

@@ -627,8 +627,9 @@ def test_time_shift_asks_the_model_at_the_shifted_timestep_and_steps_from_there(
     saved = json.loads((tmp_path / "shift.json").read_text())
     assert [run["window"] for run in saved["runs"]] == [0, 40] and saved == json.loads(json.dumps(results))
     assert saved["setup"]["yardstick"] == "data" and 0.2 < saved["setup"]["data_variance"] < 0.7
-    assert all(list(run["mean_shift_by_t"]) == ["500", "0"] for run in saved["runs"])
-    assert set(saved["runs"][0]["mean_shift_by_t"].values()) == {0}
+    assert all(list(run["shift_by_t"]) == ["500", "0"] for run in saved["runs"])
+    assert all(shift == {"mean": 0, "min": 0, "max": 0} for shift in saved["runs"][0]["shift_by_t"].values())
+    assert all(-20 <= shift["min"] <= shift["mean"] <= shift["max"] <= 20 for shift in saved["runs"][1]["shift_by_t"].values())
     assert all(run["fid"] > 0 for run in saved["runs"])
     with pytest.raises(SystemExit):
         shift_main(["--model", str(tmp_path / "model"), "--windows", "-2"])
@@ -798,6 +799,17 @@ def test_floor_spread_measures_evaluates_floor_for_each_seed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         spread_main(["--num-samples", "200", "--seeds", "3", "3", "--device", "cpu"])
     assert "repeats a seed" in capsys.readouterr().err
+
+
+def test_real_images_count_none_is_the_whole_split_in_its_order():
+    """real_images(split, None): every image of the split, in the IDX file's order, labels with them."""
+    from training.data import FASHION_MNIST_IDX, read_idx
+
+    images, labels = real_images("test", None, 3, "cpu", label_column="label")
+    pixels = read_idx(os.path.join(FASHION_MNIST_IDX, "t10k-images-idx3-ubyte.gz"))
+    assert images.shape == (len(pixels), 1, 28, 28)
+    assert np.array_equal(np.round(images[:, 0].numpy() * 255).astype(np.uint8), pixels)
+    assert labels.tolist() == read_idx(os.path.join(FASHION_MNIST_IDX, "t10k-labels-idx1-ubyte.gz")).tolist()
 
 
 def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsys):

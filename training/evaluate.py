@@ -129,12 +129,14 @@ def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
     return images.float()
 
 
-def real_images(split: str, count: int, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image",
+def real_images(split: str, count, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image",
                 balanced_by=None, label_column=None):
-    """`count` images of `split`, drawn at random with `seed`; with `balanced_by` (a label column), the same
-    number of each class, as the samples (labels cycling through the classes) and Fashion-MNIST's test split have.
-    With `label_column`: (images, their labels as a numpy array)."""
+    """`count` images of `split`, drawn at random with `seed` (None, or at least the split's size: all of them, in
+    order); with `balanced_by` (a label column), the same number of each class, as the samples (labels cycling
+    through the classes) and Fashion-MNIST's test split have. With `label_column`: (images, their labels as a numpy
+    array)."""
     dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
+    count = len(dataset) if count is None else count
     if balanced_by is not None:
         if balanced_by not in dataset.column_names:
             raise ValueError(f"A class-balanced draw needs the label column {balanced_by!r}, which {split} does not have "
