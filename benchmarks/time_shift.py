@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments, unet_call_changed  # noqa: E402
+from pipeline_ddpm_custom.pictures import enlarge, grid, to_pil  # noqa: E402
 from training.evaluate import real_images  # noqa: E402
 
 YARDSTICKS = ("data", "noise")
@@ -103,6 +104,8 @@ def parse_args(argv=None):
                         help="data: the noised training images' variance; noise: 1 - abar, as the authors' code")
     parser.add_argument("--above", type=int, default=-1, metavar="T",
                         help="shift only at timesteps t > T (the authors' cutoff; default: every step)")
+    parser.add_argument("--grid", default=None, metavar="PNG",
+                        help="picture of each window's first 10 samples (one per class), a row per window in --windows order")
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)
     if min(args.windows) < 0:
@@ -116,16 +119,20 @@ def main(argv=None):
     data_var = data_variance(seed=args.seed) if args.yardstick == "data" else 0.0
     expected = expected_variance(study.pipe.scheduler.alphas_cumprod, data_var)
     results = {"setup": study.setup(yardstick=args.yardstick, data_variance=data_var, above=args.above), "runs": []}
+    firsts = []
     for window in args.windows:
         start, shifts = time.time(), {}
         with time_shifted(study.pipe, window, expected, args.above, shifts):
             images = study.draw()
+        firsts += to_pil(images[:10] * 2 - 1)
         shift_by_t = {t: {"mean": round(sum(s) / len(s), 2), "min": min(s), "max": max(s)}
                       for t, s in sorted(shifts.items(), reverse=True)}
         run = {"window": window, **study.score(images), "pixels": pixel_shares(images), "shift_by_t": shift_by_t,
                "seconds": round(time.time() - start, 1)}
         study.keep(results, run, f"window {window}: FID {run['fid']:.2f}  KID {run['kid']:.3f}  "
                                  f"black {run['pixels']['black (<0.5)']:.3f}")
+    if args.grid:
+        enlarge(grid(firsts, cols=min(10, args.num_samples)), min_side=56 * len(args.windows)).save(args.grid)
     return results
 
 

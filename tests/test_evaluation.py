@@ -623,7 +623,9 @@ def test_time_shift_asks_the_model_at_the_shifted_timestep_and_steps_from_there(
         torch.testing.assert_close(draw(), reference)
     pipe.save_pretrained(tmp_path / "model")
     results = shift_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "2", "--windows", "0", "40",
-                          "--device", "cpu", "--out", str(tmp_path / "shift.json")])
+                          "--device", "cpu", "--out", str(tmp_path / "shift.json"), "--grid", str(tmp_path / "shift.png")])
+    with Image.open(tmp_path / "shift.png") as picture:  # a row of 10 per window, the 8-pixel samples enlarged
+        assert picture.width == 5 * picture.height and picture.height % 16 == 0
     saved = json.loads((tmp_path / "shift.json").read_text())
     assert [run["window"] for run in saved["runs"]] == [0, 40] and saved == json.loads(json.dumps(results))
     assert saved["setup"]["yardstick"] == "data" and 0.2 < saved["setup"]["data_variance"] < 0.7
