@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -129,7 +130,7 @@ def to_metric_input(images: torch.Tensor, extractor) -> torch.Tensor:
     return images.float()
 
 
-def real_images(split: str, count, seed: int, device, dataset_name=None, train_data_dir=None, image_column="image",
+def real_images(split: str, count: Optional[int], seed: int, device, dataset_name=None, train_data_dir=None, image_column="image",
                 balanced_by=None, label_column=None):
     """`count` images of `split`, drawn at random with `seed` (None, or at least the split's size: all of them, in
     order); with `balanced_by` (a label column), the same number of each class, as the samples (labels cycling
