@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.background_haze import pixel_shares  # noqa: E402
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments, unet_call_changed  # noqa: E402
+from pipeline_ddpm_custom import DDPMCustomScheduler  # noqa: E402
 from pipeline_ddpm_custom.pictures import enlarge, grid, to_pil  # noqa: E402
 from training.evaluate import real_images  # noqa: E402
 
@@ -65,6 +66,10 @@ def time_shifted(pipe, window: int, expected: torch.Tensor, above: int = -1, shi
     """Within the block, pipe's model scheduler samples with time shifts in windows of `window` at timesteps t > `above`;
     `shifts`, if given, collects t -> [t_s - t of every model call at t]."""
     scheduler, half = pipe.scheduler, window // 2
+    if not isinstance(scheduler, DDPMCustomScheduler):
+        raise ValueError(f"The time-shift study replaces abar_t in DDPMCustomScheduler's step; this pipeline samples with "
+                         f"{type(scheduler).__name__}: load a model saved with DDPMCustomScheduler, or set pipe.scheduler "
+                         "= DDPMCustomScheduler.from_config(pipe.scheduler.config).")
     chosen = {}  # the last model call's (t, t_s), for the step that follows it
 
     def call(forward, x, t, *args, **kwargs):

@@ -578,6 +578,8 @@ def test_time_shift_asks_the_model_at_the_shifted_timestep_and_steps_from_there(
     """Inside time_shifted the UNet answers for t_s and the scheduler's DDIM step is the one from t_s to the chain's
     next timestep (Li et al. 2024), written out here from the model's output at t_s; window 0 and leaving the block
     give the plain sampler back; the script writes one scored run per window with the shifts it took."""
+    from diffusers import DDIMScheduler
+
     from time_shift import main as shift_main, time_shifted
 
     pipe = tiny_pipeline(num_train_timesteps=1000)
@@ -621,6 +623,9 @@ def test_time_shift_asks_the_model_at_the_shifted_timestep_and_steps_from_there(
     reference = draw()
     with time_shifted(pipe, 0, expected):
         torch.testing.assert_close(draw(), reference)
+    other = DDPMCustomPipeline(pipe.unet, DDIMScheduler.from_config(scheduler.config))
+    with pytest.raises(ValueError, match="DDIMScheduler"), time_shifted(other, 20, expected):
+        pass
     pipe.save_pretrained(tmp_path / "model")
     results = shift_main(["--model", str(tmp_path / "model"), "--num-samples", "64", "--steps", "2", "--windows", "0", "40",
                           "--device", "cpu", "--out", str(tmp_path / "shift.json"), "--grid", str(tmp_path / "shift.png")])
