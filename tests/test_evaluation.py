@@ -600,12 +600,12 @@ def test_time_shift_asks_the_model_at_the_shifted_timestep_and_steps_from_there(
             stepped = scheduler.step(out, 500, x, eta=0.0).prev_sample
         assert shifts == {500: [30]}
         a_s, a_prev = scheduler.alphas_cumprod[530].double(), scheduler.alphas_cumprod[400].double()
-        v = at_530.double()
+        output = at_530.double()
         if prediction_type == "epsilon":
-            eps = v
+            eps = output
             x0 = (x - (1 - a_s).sqrt() * eps) / a_s.sqrt()
-        else:
-            x0, eps = a_s.sqrt() * x - (1 - a_s).sqrt() * v, (1 - a_s).sqrt() * x + a_s.sqrt() * v
+        else:  # output = v
+            x0, eps = a_s.sqrt() * x - (1 - a_s).sqrt() * output, (1 - a_s).sqrt() * x + a_s.sqrt() * output
         torch.testing.assert_close(stepped.double(), a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(stepped, plain, atol=1e-3)
         at_510 = pipe.unet(x, 510).sample
