@@ -2,7 +2,7 @@
 sampling with shifted time steps") help a model?
 
     python benchmarks/time_shift.py --model models/ddpm-fashion-mnist --num-samples 2000 \
-        --windows 0 20 38 --out benchmarks/results/time-shift-cpu-2k-ft15.json
+        --windows 20 0 --out benchmarks/results/time-shift-cpu-2k-ft15-data.json
 
 A sampler's x_t drift from the noised data the model was trained on (x0_mean_along_chain.py: below t = 600 the
 shipped weights' x_t hold less variance than the noised data's). The time-shift sampler asks the model about each
@@ -41,10 +41,14 @@ from training.evaluate import real_images  # noqa: E402
 YARDSTICKS = ("data", "noise")
 
 
+def mean_image_variance(images: torch.Tensor) -> float:
+    """The mean over a batch of each image's pixel variance: the statistic read from x_t and the yardstick alike."""
+    return float(images.double().flatten(1).var(dim=1).mean())
+
+
 def data_variance(count: int = 10000, seed: int = 0) -> float:
     """The training images' mean per-image pixel variance, in the model's [-1, 1] (`count` drawn with `seed`)."""
-    images = real_images("train", count, seed, "cpu") * 2 - 1
-    return float(images.flatten(1).var(dim=1).mean())
+    return mean_image_variance(real_images("train", count, seed, "cpu") * 2 - 1)
 
 
 def expected_variance(alphas_cumprod: torch.Tensor, data_var: float) -> torch.Tensor:
@@ -76,8 +80,7 @@ def time_shifted(pipe, window: int, expected: torch.Tensor, above: int = -1, shi
         t = scheduler._check_timestep(t)
         t_s = t
         if t > above:
-            variance = float(x.double().flatten(1).var(dim=1).mean())
-            t_s = shifted_timestep(expected, variance, t, scheduler.previous_timestep(t), half)
+            t_s = shifted_timestep(expected, mean_image_variance(x), t, scheduler.previous_timestep(t), half)
         chosen["step"] = (t, t_s)
         if shifts is not None:
             shifts.setdefault(t, []).append(t_s - t)
@@ -137,7 +140,8 @@ def main(argv=None):
         study.keep(results, run, f"window {window}: FID {run['fid']:.2f}  KID {run['kid']:.3f}  "
                                  f"black {run['pixels']['black (<0.5)']:.3f}")
     if args.grid:
-        enlarge(grid(firsts, cols=min(10, args.num_samples)), min_side=56 * len(args.windows)).save(args.grid)
+        picture = grid(firsts, cols=min(10, args.num_samples))
+        enlarge(picture, min_side=2 * picture.height).save(args.grid)  # twice the samples' size
     return results
 
 
