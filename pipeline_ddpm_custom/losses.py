@@ -43,6 +43,18 @@ def background_haze(x0: torch.Tensor, max_gray_levels: float, probability: float
     return field * amplitude * (2 / 255) * black
 
 
+def garment_dimming(x0: torch.Tensor, max_fraction: float, probability: float = 0.5,
+                    draw_on: Optional[torch.device] = None) -> torch.Tensor:
+    """The offset (x0 units, <= 0) that darkens each image of ``x0`` (B, C, H, W in [-1, 1]) towards black by a
+    fraction f of its brightness above black: -f * (x0 + 1), f drawn uniformly from [0, max_fraction] for a
+    ``probability`` share of the images, 0 for the rest. Black stays black and every gray level loses the same
+    share, as the garments of a chain that lost contrast do. ``draw_on`` as in background_haze."""
+    batch, draw_on = x0.shape[0], draw_on or x0.device
+    fraction = torch.rand(batch, 1, 1, 1, device=draw_on).to(x0.device) * max_fraction
+    fraction = fraction * (torch.rand(batch, 1, 1, 1, device=draw_on).to(x0.device) < probability)
+    return -fraction * (x0 + 1)
+
+
 def offset_as_noise(scheduler, offset: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The noise that puts ``offset`` (x0 units) into x_t: sqrt(abar) * offset = sqrt(1 - abar) * noise.
     Added to both the input's and the target's noise, it trains the model to remove the offset as noise."""

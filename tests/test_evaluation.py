@@ -553,6 +553,39 @@ def test_epsilon_scaling_benchmark_patches_only_inside_its_block(tmp_path):
         scaling_main(["--model", str(tmp_path / "model"), "--below", "0"])
 
 
+def test_brightness_headroom_scales_garments_and_matches_each_class_to_the_training_images(tmp_path):
+    """benchmarks/brightness_headroom.py: a gain keeps black black and clamps at white; samples drawn at 0.9 of the
+    real images' brightness get each class's gain 1/0.9 back; gains far from 1 raise the real images' FID (the
+    operation's cost), and the script writes one scored run per gain and the per-class one."""
+    from brightness_headroom import brightened, main as headroom_main, matched_gains
+
+    images = torch.tensor([0.0, 0.5, 0.99]).view(3, 1, 1, 1)
+    torch.testing.assert_close(brightened(images, 1.04).view(-1), torch.tensor([0.0, 0.52, 1.0]))
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 1, 6, 6, generator=generator) * 0.6 + 0.3  # every pixel garment, at any gain here
+    labels = torch.arange(40) % 10
+    darker = real * torch.where(labels < 5, 0.9, 0.8).view(-1, 1, 1, 1)
+    gains = matched_gains(darker, labels, real, labels, 10)
+    torch.testing.assert_close(gains, torch.where(torch.arange(10) < 5, 1 / 0.9, 1 / 0.8))
+
+
+    tiny_pipeline(num_train_timesteps=20, num_class_embeds=10).save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--steps", "2", "--device", "cpu"]
+    results = headroom_main(common + ["--num-samples", "100", "--gains", "1", "1.5", "--out", str(tmp_path / "h.json")])
+    saved = json.loads((tmp_path / "h.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert [run["gain"] for run in saved["runs"]] == [1.0, 1.5, "per-class matched"]
+    assert saved["runs"][1]["real"]["fid"] > saved["runs"][0]["real"]["fid"]  # real images lose by the gain
+    assert len(saved["runs"][2]["class_gains"]) == 10 and saved["runs"][2]["samples"]["fid"] > 0
+    assert len(saved["garment_gray_by_class"]["real"]) == 10
+    with pytest.raises(SystemExit):
+        headroom_main(common + ["--num-samples", "105"])
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "unconditional")
+    with pytest.raises(ValueError, match="unconditional"):
+        headroom_main(["--model", str(tmp_path / "unconditional"), "--steps", "2", "--device", "cpu",
+                       "--num-samples", "20"])
+
+
 def test_time_shift_reads_the_noise_level_of_noised_data():
     """benchmarks/time_shift.py: x_t drawn from q(x_t | x_0) at t = 300 (images of one known pixel variance) read as
     t = 300 within a few steps from a window of +-40 around 320 under the data yardstick, and over 40 steps noisier

@@ -3,7 +3,7 @@ import torch
 
 from pipeline_ddpm_custom import DDPMCustomScheduler
 from pipeline_ddpm_custom.losses import (
-    background_haze, min_snr_weights, offset_as_noise, training_losses, training_target)
+    background_haze, garment_dimming, min_snr_weights, offset_as_noise, training_losses, training_target)
 
 from .conftest import tiny_unet
 
@@ -53,6 +53,24 @@ def test_background_haze_lies_only_on_black_pixels_and_within_its_bound():
     default_device = background_haze(x0, 6.0)
     torch.manual_seed(1)
     torch.testing.assert_close(background_haze(x0, 6.0, draw_on=torch.device("cpu")), default_device)
+
+
+def test_garment_dimming_takes_one_fraction_of_each_image_and_leaves_black_alone():
+    torch.manual_seed(0)
+    x0 = torch.rand(400, 1, 8, 8) * 1.5 - 0.5
+    x0[:, :, :4] = -1
+    offset = garment_dimming(x0, 0.06)
+    assert not offset[:, :, :4].any() and offset.max() <= 0
+    fraction = (-offset[:, :, 4:] / (x0[:, :, 4:] + 1)).flatten(1)
+    torch.testing.assert_close(fraction.amax(1), fraction.amin(1))  # every gray level loses the same share
+    dimmed = fraction.amax(1) > 0
+    assert 0.4 < dimmed.float().mean() < 0.6 and fraction.max() <= 0.06 + 1e-6 and fraction.max() > 0.05
+    assert not garment_dimming(x0, 0.06, probability=0.0).any()
+    assert ((x0 + garment_dimming(x0, 0.06, probability=1.0)) >= -1).all()  # never below black
+    torch.manual_seed(1)
+    default_device = garment_dimming(x0, 0.06)
+    torch.manual_seed(1)
+    torch.testing.assert_close(garment_dimming(x0, 0.06, draw_on=torch.device("cpu")), default_device)
 
 
 @pytest.mark.parametrize("t", [0, 1, 20, 300, 999])

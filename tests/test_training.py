@@ -58,6 +58,8 @@ def unet_weights(folder, variant=None):
         (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
         (["--haze_perturbation", "-1"], "--haze_perturbation must be >= 0"),
         (["--haze_perturbation", "6", "--haze_share", "0"], "--haze_share must lie in"),
+        (["--dim_perturbation", "1"], "--dim_perturbation must lie in"),
+        (["--dim_perturbation", "0.05", "--dim_share", "1.5"], "--dim_share must lie in"),
         (["--ema_min_decay", "0.9", "--ema_max_decay", "0.5"], "--ema_min_decay <= --ema_max_decay"),
         (["--rollout_hops", "-1"], "--rollout_hops must be >= 0"),
         (["--rollout_hops", "2", "--rollout_share", "0"], "--rollout_share must lie in"),
@@ -362,6 +364,38 @@ def test_haze_perturbation_is_drawn_last_and_moves_both_noises_on_the_background
     every = parse_args(["--output_dir", "x", "--haze_perturbation", "6", "--haze_share", "1"])
     moved_every = draw_step_inputs(x0, labels, every, 10, scheduler=scheduler)[1] - plain[1]
     assert (moved_every.abs().amax(dim=(1, 2, 3)) > 0).all()
+    with pytest.raises(ValueError, match="noise scheduler"):
+        draw_step_inputs(x0, labels, args, 10)
+
+
+def test_dim_perturbation_is_drawn_last_and_darkens_the_input_only_where_there_is_garment():
+    """--dim_perturbation leaves the step's other draws (the haze's too) as a run without it, and adds the same
+    noise to the target's and the input's: x_t then holds the image darkened towards black by at most the asked-for
+    fraction, black pixels untouched, while the target's x0 stays the clean image."""
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+    from training.train_ddpm import draw_step_inputs, parse_args
+
+    x0, labels = torch.rand(256, 1, 8, 8) - 0.5, torch.arange(256) % 10
+    x0[:, :, :3] = -1
+    scheduler = DDPMCustomScheduler(prediction_type="v_prediction")
+    drawn = {}
+    for fraction in (0.0, 0.08):
+        args = parse_args(["--output_dir", "x", "--haze_perturbation", "6", "--dim_perturbation", str(fraction)])
+        torch.manual_seed(7)
+        drawn[fraction] = draw_step_inputs(x0, labels, args, 10, scheduler=scheduler)
+    plain, dimmed = drawn[0.0], drawn[0.08]
+    assert all(torch.equal(plain[i], dimmed[i]) for i in (0, 2, 3))  # x0, timesteps, labels
+    moved = dimmed[1] - plain[1]
+    torch.testing.assert_close(dimmed[4] - plain[4], moved)
+    assert moved[:, :, :3].abs().max() == 0  # the haze on the black rows was drawn the same
+    # what the moved noise puts into x_t, in x0 units: sqrt(1 - abar) * moved / sqrt(abar) = -f * (x0 + 1)
+    abar = scheduler.alphas_cumprod[plain[2]].view(-1, 1, 1, 1)
+    offset = (1 - abar).sqrt() * moved / abar.sqrt()
+    fraction = -offset[:, :, 3:] / (x0[:, :, 3:] + 1)
+    per_image = fraction.flatten(1)
+    torch.testing.assert_close(per_image.amax(1), per_image.amin(1), atol=1e-4, rtol=1e-4)  # one f an image
+    assert per_image.min() >= -1e-5 and per_image.max() <= 0.08 + 1e-4
+    assert 0.35 < (per_image.amax(1) > 1e-6).float().mean() < 0.65  # --dim_share's default: half
     with pytest.raises(ValueError, match="noise scheduler"):
         draw_step_inputs(x0, labels, args, 10)
 

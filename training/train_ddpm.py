@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python training/train_ddpm.py` from a checkout
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
-from pipeline_ddpm_custom.losses import background_haze, offset_as_noise, rollout_noise, training_losses  # noqa: E402
+from pipeline_ddpm_custom.losses import background_haze, garment_dimming, offset_as_noise, rollout_noise, training_losses  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
 from training.evaluate import cycling_class_labels, default_batch_size  # noqa: E402
@@ -79,6 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "remove it (0: off)")
     g.add_argument("--haze_share", type=float, default=0.5,
                    help="share of the training images that get the --haze_perturbation haze (the rest stay clean)")
+    g.add_argument("--dim_perturbation", type=float, default=0.0,
+                   help="max fraction by which a share (--dim_share) of the training images is darkened towards black "
+                        "in x_t as part of the noise, so that the model learns to restore garments that a sampling "
+                        "chain drew too dark (0: off; 0.06 darkens a 150-gray garment by up to 9 levels)")
+    g.add_argument("--dim_share", type=float, default=0.5,
+                   help="share of the training images that get the --dim_perturbation darkening (the rest stay as they are)")
     g.add_argument("--rollout_hops", type=int, default=0,
                    help="scheduled sampling against exposure bias: a share (--rollout_share) of each batch is noised "
                         "--rollout_hops * --rollout_stride steps above its timestep and brought down to it by the "
@@ -171,6 +177,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--haze_perturbation must be >= 0 gray levels (0 turns it off), got {args.haze_perturbation}.")
     if not 0.0 < args.haze_share <= 1.0:
         raise ValueError(f"--haze_share must lie in (0, 1] (the share of images that get the haze), got {args.haze_share}.")
+    if not 0.0 <= args.dim_perturbation < 1.0:
+        raise ValueError(f"--dim_perturbation must lie in [0, 1) (the largest fraction of brightness taken; 0 turns it "
+                         f"off), got {args.dim_perturbation}.")
+    if not 0.0 < args.dim_share <= 1.0:
+        raise ValueError(f"--dim_share must lie in (0, 1] (the share of images that get darkened), got {args.dim_share}.")
     if args.rollout_hops < 0 or args.rollout_stride < 1:
         raise ValueError(f"--rollout_hops must be >= 0 (0 turns it off) and --rollout_stride >= 1, got "
                          f"{args.rollout_hops} and {args.rollout_stride}.")
@@ -293,6 +304,12 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
         haze = offset_as_noise(scheduler, background_haze(x0, args.haze_perturbation, args.haze_share, draw_on),
                                timesteps)
         noise, input_noise = noise + haze, input_noise + haze
+    if args.dim_perturbation > 0:
+        if scheduler is None:
+            raise ValueError("--dim_perturbation needs the noise scheduler (its alphas turn the darkening into noise).")
+        dimming = offset_as_noise(scheduler, garment_dimming(x0, args.dim_perturbation, args.dim_share, draw_on),
+                                  timesteps)
+        noise, input_noise = noise + dimming, input_noise + dimming
     return x0, noise, timesteps, labels, input_noise
 
 
