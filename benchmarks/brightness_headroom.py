@@ -12,7 +12,9 @@ once more with each class's own gain, the one that gives its samples the mean ga
 the class-balanced train subset's images of that class (`per-class matched`: the training data decide,
 not the test split). The same gains applied to that real train subset (evaluate's class-balanced floor)
 show what the operation costs images whose brightness is already right: a gain that lowers the samples'
-FID while raising the real images' is correcting the samples, not flattering the metric.
+FID while raising the real images' is correcting the samples, not flattering the metric. Each run also
+records the share of pixels in gray-level bands (`tones`, samples and real images at that gain): where in
+the tonal range the gain moves the samples towards the data.
 """
 
 import argparse
@@ -33,6 +35,17 @@ def brightened(images: torch.Tensor, gain) -> torch.Tensor:
     """images (N, 1, H, W) in [0, 1] times `gain` (a number, or one per image broadcastable against them),
     clamped to [0, 1]: black stays black, every garment pixel brightens in proportion to its gray level."""
     return (images * gain).clamp(0, 1)
+
+
+TONE_BANDS = {"black": (0, 0.5), "1-15": (0.5, 15.5), "16-63": (15.5, 63.5), "64-127": (63.5, 127.5),
+              "128-191": (127.5, 191.5), "192-239": (191.5, 239.5), "240-254": (239.5, 254.5), "255": (254.5, 256)}
+
+
+def tone_shares(images: torch.Tensor) -> dict:
+    """Share of all pixels in each gray-level band of TONE_BANDS (images in [0, 1], as 8-bit gray levels would round):
+    where in the tonal range a gain moves the samples towards the data, e.g. the near-white highlights."""
+    levels = images.float() * 255
+    return {name: float(((levels >= lo) & (levels < hi)).float().mean()) for name, (lo, hi) in TONE_BANDS.items()}
 
 
 def garment_gray_by_class(images: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -80,7 +93,8 @@ def main(argv=None):
                "runs": []}
     for gain in args.gains:
         run = {"gain": gain, "samples": study.score(brightened(samples, gain)),
-               "real": study.score(brightened(real, gain))}
+               "real": study.score(brightened(real, gain)),
+               "tones": {"samples": tone_shares(brightened(samples, gain)), "real": tone_shares(brightened(real, gain))}}
         study.keep(results, run, f"gain {gain}: samples FID {run['samples']['fid']:.2f}  "
                                  f"real FID {run['real']['fid']:.2f}")
     class_gains = matched_gains(samples, sample_labels, real, real_labels, classes)

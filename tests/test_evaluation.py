@@ -557,10 +557,14 @@ def test_brightness_headroom_scales_garments_and_matches_each_class_to_the_train
     """benchmarks/brightness_headroom.py: a gain keeps black black and clamps at white; samples drawn at 0.9 of the
     real images' brightness get each class's gain 1/0.9 back; gains far from 1 raise the real images' FID (the
     operation's cost), and the script writes one scored run per gain and the per-class one."""
-    from brightness_headroom import brightened, main as headroom_main, matched_gains
+    from brightness_headroom import brightened, main as headroom_main, matched_gains, tone_shares
 
     images = torch.tensor([0.0, 0.5, 0.99]).view(3, 1, 1, 1)
     torch.testing.assert_close(brightened(images, 1.04).view(-1), torch.tensor([0.0, 0.52, 1.0]))
+    # gray levels 0, 127.5 (rounds to 128), 252.45 and 255: one pixel each in black, 128-191, 240-254 and 255
+    tones = tone_shares(torch.cat([images, brightened(images[2:], 1.04)]))
+    assert tones == {"black": 0.25, "1-15": 0.0, "16-63": 0.0, "64-127": 0.0, "128-191": 0.25, "192-239": 0.0,
+                     "240-254": 0.25, "255": 0.25}
     generator = torch.Generator().manual_seed(0)
     real = torch.rand(40, 1, 6, 6, generator=generator) * 0.6 + 0.3  # every pixel garment, at any gain here
     labels = torch.arange(40) % 10
@@ -576,6 +580,10 @@ def test_brightness_headroom_scales_garments_and_matches_each_class_to_the_train
     assert saved == json.loads(json.dumps(results))
     assert [run["gain"] for run in saved["runs"]] == [1.0, 1.5, "per-class matched"]
     assert saved["runs"][1]["real"]["fid"] > saved["runs"][0]["real"]["fid"]  # real images lose by the gain
+    tones = [run["tones"]["real"] for run in saved["runs"][:2]]
+    assert tones[1]["255"] > tones[0]["255"] and tones[1]["black"] == tones[0]["black"]
+    assert all(sum(run["tones"][side].values()) == pytest.approx(1.0, abs=1e-6)
+               for run in saved["runs"][:2] for side in ("samples", "real"))
     assert len(saved["runs"][2]["class_gains"]) == 10 and saved["runs"][2]["samples"]["fid"] > 0
     assert len(saved["garment_gray_by_class"]["real"]) == 10
     with pytest.raises(SystemExit):
