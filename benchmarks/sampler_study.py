@@ -1,5 +1,5 @@
 """What the sampler studies share (epsilon_scaling.py, time_shift.py, timestep_placement.py, autoguidance.py,
-background_haze.py, fid_by_class.py).
+background_haze.py, fid_by_class.py, brightness_headroom.py).
 
 Each draws N samples from a saved pipeline as training.evaluate draws them (same seeds, class labels
 cycling 0..9), scores them with the offline extractor against Fashion-MNIST's test split, and writes
