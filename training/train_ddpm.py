@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `python training/train_ddpm.py` from a checkout
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
-from pipeline_ddpm_custom.losses import background_haze, garment_dimming, offset_as_noise, rollout_noise, training_losses  # noqa: E402
+from pipeline_ddpm_custom.losses import (  # noqa: E402
+    background_haze, garment_dimming, offset_as_noise, rollout_noise, training_losses)
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
 from training.evaluate import cycling_class_labels, default_batch_size  # noqa: E402
@@ -281,10 +282,11 @@ def step_seed(seed: int, micro_step: int, rank: int) -> int:
 def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, scheduler=None):
     """The random part of one training step, in the order that a resumed run's per-step seed relies on:
     flips, noise, timesteps, label drops (to the null class, for classifier-free guidance), then the
-    input perturbation and the background haze, last so that the earlier draws do not depend on them. Returns x0,
-    the target's noise, timesteps, labels and the noise x_t is formed with. The haze (`scheduler` needed) enters both
-    noises: x_t holds the hazy image while the target's x0 is the clean one. `draw_on` draws the numbers (the haze's
-    too) on another device and moves them to x0's (benchmarks/training_by_device.py)."""
+    input perturbation, the background haze and the garments' darkening, last so that the earlier draws do not depend
+    on them. Returns x0, the target's noise, timesteps, labels and the noise x_t is formed with. The haze and the
+    darkening (`scheduler` needed) enter both noises: x_t holds the hazy or darkened image while the target's x0 is
+    the clean one. `draw_on` draws the numbers (the offsets' too) on another device and moves them to x0's
+    (benchmarks/training_by_device.py)."""
     device = x0.device
     draw_on = draw_on or device
     if args.random_flip:
@@ -298,18 +300,18 @@ def draw_step_inputs(x0: torch.Tensor, labels, args, num_classes, draw_on=None, 
     input_noise = noise
     if args.input_perturbation > 0:
         input_noise = noise + args.input_perturbation * torch.randn(x0.shape, device=draw_on).to(device)
-    if args.haze_perturbation > 0:
-        if scheduler is None:
-            raise ValueError("--haze_perturbation needs the noise scheduler (its alphas turn the haze into noise).")
-        haze = offset_as_noise(scheduler, background_haze(x0, args.haze_perturbation, args.haze_share, draw_on),
-                               timesteps)
-        noise, input_noise = noise + haze, input_noise + haze
-    if args.dim_perturbation > 0:
-        if scheduler is None:
-            raise ValueError("--dim_perturbation needs the noise scheduler (its alphas turn the darkening into noise).")
-        dimming = offset_as_noise(scheduler, garment_dimming(x0, args.dim_perturbation, args.dim_share, draw_on),
-                                  timesteps)
-        noise, input_noise = noise + dimming, input_noise + dimming
+    # offsets of x0 that x_t holds and the target does not (the haze, then the darkening: this order keeps the
+    # haze's draws those of a run without the darkening), each counted as part of both noises
+    offsets = (("--haze_perturbation", args.haze_perturbation,
+                lambda: background_haze(x0, args.haze_perturbation, args.haze_share, draw_on)),
+               ("--dim_perturbation", args.dim_perturbation,
+                lambda: garment_dimming(x0, args.dim_perturbation, args.dim_share, draw_on)))
+    for flag, amount, draw_offset in offsets:
+        if amount > 0:
+            if scheduler is None:
+                raise ValueError(f"{flag} needs the noise scheduler (its alphas turn the offset into noise).")
+            moved = offset_as_noise(scheduler, draw_offset(), timesteps)
+            noise, input_noise = noise + moved, input_noise + moved
     return x0, noise, timesteps, labels, input_noise
 
 
