@@ -1,7 +1,7 @@
 """How much of a model's FID is its garments' brightness? A diagnostic, not a sampler.
 
     python benchmarks/brightness_headroom.py --model models/ddpm-fashion-mnist --num-samples 2000 \
-        --gains 1 1.02 1.04 1.06 --out benchmarks/results/brightness-headroom-cpu-2k-ft15.json
+        --gains 1 1.01 1.02 1.03 1.04 1.06 --out benchmarks/results/brightness-headroom-cpu-2k-ft15.json
 
 The shipped weights' DDIM samples draw every class's garments a few gray levels darker than the data
 (docs/bundled-model.md, *Which classes carry the gap*). Before training a remedy for that, this asks
