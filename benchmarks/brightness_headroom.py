@@ -92,9 +92,9 @@ def main(argv=None):
                                          "real": garment_gray_by_class(real, real_labels, classes).tolist()},
                "runs": []}
     for gain in args.gains:
-        run = {"gain": gain, "samples": study.score(brightened(samples, gain)),
-               "real": study.score(brightened(real, gain)),
-               "tones": {"samples": tone_shares(brightened(samples, gain)), "real": tone_shares(brightened(real, gain))}}
+        bright_samples, bright_real = brightened(samples, gain), brightened(real, gain)
+        run = {"gain": gain, "samples": study.score(bright_samples), "real": study.score(bright_real),
+               "tones": {"samples": tone_shares(bright_samples), "real": tone_shares(bright_real)}}
         study.keep(results, run, f"gain {gain}: samples FID {run['samples']['fid']:.2f}  "
                                  f"real FID {run['real']['fid']:.2f}")
     class_gains = matched_gains(samples, sample_labels, real, real_labels, classes)
