@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.fid_by_class import GARMENT_LEVEL, pixel_statistics  # noqa: E402
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
-from training.evaluate import cycling_class_labels, floor_images  # noqa: E402
+from pipeline_ddpm_custom.labels import cycling_class_labels  # noqa: E402
+from training.evaluate import floor_images  # noqa: E402
 
 
 def brightened(images: torch.Tensor, gain) -> torch.Tensor:

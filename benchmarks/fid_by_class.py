@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.sampler_study import Study, add_sampling_arguments, check_sampling_arguments  # noqa: E402
+from pipeline_ddpm_custom.labels import cycling_class_labels  # noqa: E402
 from training.data import FASHION_MNIST_CLASSES  # noqa: E402
-from training.evaluate import (  # noqa: E402
-    cycling_class_labels, feed, floor_images, make_metrics, real_images)
+from training.evaluate import feed, floor_images, make_metrics, real_images  # noqa: E402
 
 
 def fid_terms(fid) -> dict:

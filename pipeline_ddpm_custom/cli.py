@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from .labels import cycling_class_labels
 from .solvers import SOLVERS, check_eta_applies, solver_from_config
 
 
@@ -23,12 +24,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model: the model's own scheduler (DDIM/DDPM by --eta); or one of diffusers' multistep solvers "
                           "(sde-dpmsolver++ gave the bundled model's best FID at 50 steps)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--class-label", type=int, default=None, help="class for a class-conditional model")
+    which = gen.add_mutually_exclusive_group()
+    which.add_argument("--class-label", type=int, default=None,
+                       help="one class for every image of a class-conditional model (default: every class in turn)")
+    which.add_argument("--null-class", action="store_true",
+                       help="sample a class-conditional model's null class, its unconditional model (far weaker: "
+                            "pipeline_ddpm_custom/labels.py)")
     gen.add_argument("--guidance-scale", type=float, default=1.0)
     gen.add_argument("--out", default="grid.png", help="where to write the image grid (PNG)")
     gen.add_argument("--gif", default=None, help="also write the denoising of the x0 predictions as a GIF")
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when available)")
     return parser
+
+
+def class_labels(args, classes):
+    """The labels of the request: the class asked for, the null class (None), or every class in turn; refused where
+    the model has no classes or the null class is asked to be guided."""
+    if not classes:
+        if args.class_label is not None or args.null_class:
+            raise ValueError("this model is unconditional: drop --class-label / --null-class.")
+        return None
+    if args.null_class:
+        if args.guidance_scale != 1.0:
+            raise ValueError("--null-class has no class to guide towards: drop --guidance-scale or name a --class-label.")
+        return None
+    if args.class_label is not None:
+        return args.class_label
+    return cycling_class_labels(range(args.num_images), classes)
 
 
 def generate(args) -> int:
@@ -42,13 +64,14 @@ def generate(args) -> int:
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
     if args.scheduler != "model":
         pipe.scheduler = solver_from_config(args.scheduler, pipe.scheduler.config)
+    labels = class_labels(args, pipe.unet.config.num_class_embeds)
     recorder = DenoisingRecorder(every=max(1, args.steps // 25)) if args.gif else None
     images = pipe(
         batch_size=args.num_images,
         generator=torch.Generator(device="cpu").manual_seed(args.seed),
         num_inference_steps=args.steps,
         eta=args.eta or 0.0,  # None (not given) is DDIM; the solvers take no eta
-        class_labels=args.class_label,
+        class_labels=labels,
         guidance_scale=args.guidance_scale,
         callback_on_step_end=recorder,
         callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],

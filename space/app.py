@@ -30,6 +30,17 @@ except ImportError:
         return fn
 
 EXAMPLES_DIR = os.path.join(HERE, "examples")
+# the class dropdown's values besides "0".."K-1"; every class in turn is the default because the null class, what the
+# pipeline samples without labels, is a far weaker model (pipeline_ddpm_custom/labels.py)
+EVERY_CLASS, NULL_CLASS = "every", "null"
+
+
+def class_choices(classes):
+    """The class dropdown's (label, value) pairs; none for an unconditional model."""
+    if not classes:
+        return []
+    return [("every class in turn", EVERY_CLASS), *[(str(i), str(i)) for i in range(classes)],
+            ("none: the null class (unconditional, weaker)", NULL_CLASS)]
 
 
 def _gr_error(fn):
@@ -63,8 +74,9 @@ def build_demo(pipe) -> gr.Blocks:
         """Generate images; streams the x0 prediction while denoising. Returns (preview, images, gif, seed)."""
         if randomize_seed:
             seed = random.randint(0, 2**31 - 1)
+        every, null = class_label in (None, "", EVERY_CLASS), class_label == NULL_CLASS
         request = inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                            class_label=None if class_label in (None, "") else int(class_label),
+                                            class_label=None if every or null else int(class_label), null_class=null,
                                             guidance_scale=guidance_scale)
         for update in inference.generate_stream(pipe, request):
             if "preview" in update:
@@ -102,7 +114,7 @@ def build_demo(pipe) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                         randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
-                    class_label = gr.Dropdown([str(i) for i in range(pipe.unet.config.num_class_embeds or 0)], value=None,
+                    class_label = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds), value=EVERY_CLASS if conditional else None,
                                               label="Class", visible=conditional, elem_id="class_label")
                     guidance = gr.Slider(1.0, 10.0, value=3.0 if conditional else 1.0, step=0.5, label="Guidance scale",
                                          visible=conditional, elem_id="guidance")

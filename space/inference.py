@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
+from pipeline_ddpm_custom.labels import cycling_class_labels
 from pipeline_ddpm_custom.solvers import solver_from_config
 from pipeline_ddpm_custom.pictures import DenoisingRecorder, enlarge, signal_to_noise_ratio, to_model_input, to_pil
 
@@ -51,7 +52,8 @@ class GenerateRequest:
     steps: int = 50
     eta: Optional[float] = None  # None: the sampler's own (0 for DDIM, 1 for DDPM)
     seed: int = 0
-    class_label: Optional[int] = None
+    class_label: Optional[int] = None  # None: every class in turn (a class-conditional model)
+    null_class: bool = False  # the null class instead: the unconditional model, far weaker (labels.py)
     guidance_scale: float = 1.0
 
     def check(self, pipe: DDPMCustomPipeline) -> None:
@@ -67,12 +69,26 @@ class GenerateRequest:
         if not 0 <= int(self.seed) < 2**63:
             raise RequestError(f"Seed must be a non-negative integer; got {self.seed}.")
         classes = pipe.unet.config.num_class_embeds
-        if self.class_label is not None and not classes:
+        if (self.class_label is not None or self.null_class) and not classes:
             raise RequestError("This model is unconditional: leave the class empty.")
+        if self.null_class and self.class_label is not None:
+            raise RequestError("Choose one class or the null class, not both.")
+        if self.null_class and float(self.guidance_scale) != 1.0:
+            raise RequestError("The null class has no class to guide towards: set the guidance scale to 1, or choose a class.")
         if self.class_label is not None and not 0 <= int(self.class_label) < classes:
             raise RequestError(f"Class must be between 0 and {classes - 1}; got {self.class_label}.")
         if not 1.0 <= float(self.guidance_scale) <= 20.0:
             raise RequestError(f"Guidance scale must be between 1 and 20; got {self.guidance_scale}.")
+
+
+def request_labels(request: GenerateRequest, n: int, classes: Optional[int]) -> Optional[List[int]]:
+    """One label per image: the class asked for, none (the null class, or an unconditional model), or every class in
+    turn."""
+    if request.null_class:
+        return None
+    if request.class_label is not None:
+        return [int(request.class_label)] * n
+    return cycling_class_labels(range(n), classes)
 
 
 def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
@@ -102,7 +118,7 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
     def work():
         try:
             n = int(request.num_images)
-            labels = None if request.class_label is None else [int(request.class_label)] * n
+            labels = request_labels(request, n, pipe.unet.config.num_class_embeds)
             result["images"] = request_pipe(
                 batch_size=n,
                 generator=[torch.Generator().manual_seed(int(request.seed) + i) for i in range(n)],

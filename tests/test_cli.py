@@ -71,3 +71,40 @@ def test_generate_defaults_to_ddim(tmp_path):
 
     np.testing.assert_array_equal(drawn, grid_for(0.0))
     assert not np.array_equal(drawn, grid_for(1.0))
+
+
+def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, capsys):
+    """A class-conditional model's grid shows classes 0, 1, 2, 0, ... by default (the pipeline without labels samples
+    the null class, which is far weaker); --class-label gives one class, --null-class the pipeline's own default."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+    from pipeline_ddpm_custom.cli import main
+    from pipeline_ddpm_custom.pictures import grid
+
+    tiny_pipeline(num_train_timesteps=50, num_class_embeds=3).save_pretrained(tmp_path / "model")
+    pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
+    common = ["generate", "--model", str(tmp_path / "model"), "--num-images", "4", "--steps", "4", "--seed", "5"]
+
+    def drawn(*extra):
+        assert main([*common, *extra, "--out", str(tmp_path / "grid.png")]) == 0
+        return np.asarray(Image.open(tmp_path / "grid.png"))
+
+    def by_hand(labels):
+        images = pipe(batch_size=4, num_inference_steps=4, eta=0.0, class_labels=labels,
+                      generator=torch.Generator().manual_seed(5)).images
+        return np.asarray(grid(images))
+
+    np.testing.assert_array_equal(drawn(), by_hand([0, 1, 2, 0]))
+    np.testing.assert_array_equal(drawn("--class-label", "2"), by_hand(2))
+    np.testing.assert_array_equal(drawn("--null-class"), by_hand(None))
+    assert not np.array_equal(by_hand(None), by_hand([0, 1, 2, 0]))
+    assert main([*common, "--null-class", "--guidance-scale", "2"]) == 2
+    assert "no class to guide towards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--null-class", "--class-label", "1"])  # one or the other
+    tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "plain")
+    assert main(["generate", "--model", str(tmp_path / "plain"), "--null-class"]) == 2
+    assert "unconditional" in capsys.readouterr().err

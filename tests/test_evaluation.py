@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
-from training.evaluate import class_histogram, default_batch_size, make_metrics, parse_args, real_images
+from training.evaluate import class_histogram, default_batch_size, make_metrics, parse_args, real_images, sample
 from training.evaluate import main as evaluate_main
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 
@@ -170,7 +170,7 @@ def test_evaluate_with_a_diffusers_solver_samples_what_that_solver_samples(tmp_p
     from diffusers import DPMSolverMultistepScheduler
 
     from pipeline_ddpm_custom import DDPMCustomScheduler
-    from training.evaluate import sample, use_scheduler
+    from training.evaluate import use_scheduler
 
     from .conftest import tiny_unet
 
@@ -227,6 +227,28 @@ def test_results_file_survives_a_write_that_fails_halfway(tmp_path):
         write_json_atomically(str(out), {"runs": [{"steps": 50, "fid": 9.12}], "later": object()})
     assert json.loads(out.read_text()) == {"runs": [{"steps": 50, "fid": 9.12}]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_unconditional_evaluation_samples_the_null_class_a_user_gets_without_labels(tmp_path):
+    pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
+    pipe.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "6", "--steps", "2", "--eta", "0",
+              "--batch-size", "6", "--device", "cpu"]
+    without = sample(pipe, 6, 2, 0.0, 0, 6, 1.0, unconditional=True)
+    by_hand = pipe(batch_size=6, generator=[torch.Generator().manual_seed(i) for i in range(6)], num_inference_steps=2,
+                   eta=0.0, output_type="pt").images  # no class_labels, as a user would call it
+    torch.testing.assert_close(without, by_hand)
+    assert not torch.allclose(without, sample(pipe, 6, 2, 0.0, 0, 6, 1.0))  # labelled samples differ
+    results = evaluate_main([*common, "--unconditional", "--out", str(tmp_path / "null.json")])
+    assert results["setup"]["unconditional"] is True
+    labelled = evaluate_main([*common, "--out", str(tmp_path / "labelled.json")])
+    assert "unconditional" not in labelled["setup"]  # files written before the option still resume
+    assert results["runs"][0]["fid"] != labelled["runs"][0]["fid"]
+    with pytest.raises(SystemExit):
+        parse_args([*common, "--unconditional", "--guidance-scale", "2"])
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="unconditional model.*drop --unconditional"):
+        evaluate_main(["--model", str(tmp_path / "plain"), *common[2:], "--unconditional"])
 
 
 def test_evaluate_batch_size_follows_the_device_unless_given():

@@ -3,6 +3,7 @@
 import concurrent.futures
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +78,49 @@ def test_generate_streams_previews(app_url):
     previews = [o for o in outputs if o[0] is not None and not o[1]]  # preview set, gallery still empty
     assert len(previews) >= 5, len(previews)
     assert len(job.outputs()[-1][1]) == 2
+
+
+def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path):
+    """The class dropdown starts at every class in turn (the null class, what the pipeline samples without labels,
+    is far weaker); the null class and one class are choices, and the demo's images are the pipeline's."""
+    import torch
+    from gradio_client import Client
+
+    app = load_app()
+    tiny_pipeline(num_train_timesteps=50, num_class_embeds=3).save_pretrained(tmp_path / "model")
+    pipe = app.inference.load_pipeline(str(tmp_path / "model"))
+    request = lambda **kw: app.inference.GenerateRequest(num_images=4, sampler="DDIM (deterministic)", steps=4, seed=3, **kw)  # noqa: E731
+
+    def streamed(**kw):
+        return [np.asarray(im) for im in list(app.inference.generate_stream(pipe, request(**kw)))[-1]["images"]]
+
+    def by_hand(labels):
+        images = pipe(batch_size=4, generator=[torch.Generator().manual_seed(3 + i) for i in range(4)],
+                      num_inference_steps=4, eta=0.0, class_labels=labels).images
+        return [np.asarray(im) for im in images]
+
+    for kwargs, labels in [({}, [0, 1, 2, 0]), (dict(null_class=True), None), (dict(class_label=2), [2] * 4)]:
+        for ours, theirs in zip(streamed(**kwargs), by_hand(labels)):
+            np.testing.assert_array_equal(ours, theirs)
+    for kwargs, message in [(dict(null_class=True, guidance_scale=3.0), "no class to guide towards"),
+                            (dict(null_class=True, class_label=1), "not both")]:
+        with pytest.raises(app.inference.RequestError, match=message):
+            request(**kwargs).check(pipe)
+
+    demo = app.build_demo(pipe)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    try:
+        client = Client(url, verbose=False)
+        drawn = {value: gallery_arrays(generate(client, class_label=value)[1])
+                 for value in [None, app.EVERY_CLASS, app.NULL_CLASS, "2"]}
+        for value in [None, app.EVERY_CLASS]:  # an API caller that names no class gets the default
+            np.testing.assert_array_equal(drawn[value][1], drawn[app.EVERY_CLASS][1])
+        assert not np.array_equal(drawn[app.NULL_CLASS][1], drawn[app.EVERY_CLASS][1])
+        assert not np.array_equal(drawn["2"][1], drawn[app.EVERY_CLASS][1])
+        api = client.view_api(return_format="str", print_info=False)
+        assert "Literal['every', '0', '1', '2', 'null']" in api and re.search(r"defaults to:\s*every\)", api)
+    finally:
+        demo.close()
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import shutil
 import torch
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.labels import cycling_class_labels
 from pipeline_ddpm_custom.pictures import DenoisingRecorder, grid
 from training import data, export
 
@@ -39,7 +40,7 @@ def write_pictures(pipe, folder: str, eta: float, steps: int, seed: int) -> None
     classes = pipe.unet.config.num_class_embeds
     recorder = DenoisingRecorder(every=max(1, steps // 25), cols=8)
     images = pipe(batch_size=16, generator=[torch.Generator().manual_seed(seed + i) for i in range(16)],
-                  num_inference_steps=steps, eta=eta, class_labels=[i % classes for i in range(16)] if classes else None,
+                  num_inference_steps=steps, eta=eta, class_labels=cycling_class_labels(range(16), classes),
                   callback_on_step_end=recorder, callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"]).images
     grid(images, cols=8).save(os.path.join(folder, "samples.png"))
     recorder.save_gif(os.path.join(folder, "denoising.gif"), min_side=112)  # 4x: small enough to commit

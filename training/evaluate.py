@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
+from pipeline_ddpm_custom.labels import cycling_class_labels
 from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from_config
 from training import data
@@ -250,21 +251,16 @@ def score_images(fid, kid, images: torch.Tensor, extractor, real: bool = False) 
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def cycling_class_labels(indices, classes):
-    """The class label of each sample index: i % classes, so that every class gets an equal share (None for an
-    unconditional model). Every evaluation labels its samples this way; by-class studies rely on it."""
-    return [i % classes for i in indices] if classes else None
-
-
 @torch.no_grad()
 def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, guidance_scale: float,
-           timesteps=None, batches: SampleBatches = None, **pipeline_kwargs) -> torch.Tensor:
-    """num_samples images, image i from seed + i with class label i % classes; `timesteps` (a descending list)
+           timesteps=None, batches: SampleBatches = None, unconditional: bool = False, **pipeline_kwargs) -> torch.Tensor:
+    """num_samples images, image i from seed + i with class label i % classes (`unconditional`: no labels, so a
+    class-conditional model samples its null class, as the pipeline does for a user who passes none); `timesteps` (a descending list)
     replaces the scheduler's own spacing of `steps`; `eta` is None for a scheduler that takes none (a solver).
     `batches`: where finished batches are kept and, from an interrupted run, taken instead of sampled again
     (per-image seeds make a batch the same whenever it is sampled). `pipeline_kwargs` go to every pipeline call
     (a study's step callback)."""
-    classes = pipe.unet.config.num_class_embeds
+    classes = None if unconditional else pipe.unet.config.num_class_embeds
     chain = {"num_inference_steps": steps} if timesteps is None else {"timesteps": list(timesteps)}
     out = []
     desc = f"{type(pipe.scheduler).__name__}, {len(timesteps or range(steps))} steps" + ("" if eta is None else f", eta {eta}")
@@ -305,6 +301,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                         help="override the timestep spacing (default: the model's for its own scheduler, trailing for a solver)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--unconditional", action="store_true",
+                        help="sample a class-conditional model without labels (its null class: what the pipeline "
+                             "gives a user who passes none); the class histogram then shows how it spreads over the classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per pipeline call (default 500 on GPU, 64 on CPU)")
@@ -327,6 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
     args.floor = args.floor or args.balanced_floor
+    if args.unconditional and args.guidance_scale != 1.0:
+        parser.error("--unconditional samples without labels, so there is nothing to guide towards: drop --guidance-scale.")
     compare = []
     for item in args.compare:
         label, sep, path = item.partition("=")
@@ -348,11 +349,18 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    # the model first: a model the options do not fit is refused before minutes of reference features
+    pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
+    if args.unconditional and not pipe.unet.config.num_class_embeds:
+        raise ValueError(f"{args.model} is an unconditional model, so every evaluation of it is: drop --unconditional.")
+    pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, args.scheduler, args.timestep_spacing)
     extractor = load_extractor(args.extractor, device)
     classifier = extractor if isinstance(extractor, FashionFeatureNet) else load_extractor("offline", device)
     fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device, args.reference, args.dataset_name)
     setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({int(fid.real_features_num_samples)} images)",
-             "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model}
+             "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model,
+             **({"unconditional": True} if args.unconditional else {})}  # absent otherwise: older files resume
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
@@ -374,9 +382,6 @@ def main(argv=None):
         print(f"floor: FID {results['floor']['fid']:.3f}  KID {results['floor']['kid']:.5f}", flush=True)
         save()
 
-    pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    use_scheduler(pipe, args.scheduler, args.timestep_spacing)
     # the scheduler settings that change samples without changing the model folder's name
     scheduler = {"class": type(pipe.scheduler).__name__, **{k: pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}
     weights = weights_digest(pipe.unet) if args.out else None
@@ -396,7 +401,7 @@ def main(argv=None):
                           f"taken from {batches.folder}", flush=True)
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale,
-                            batches=batches)
+                            batches=batches, unconditional=args.unconditional)
             run = {"sampler": label, "eta": eta,
                    "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
                    "seconds": round(time.time() - start, 1), "device": str(device), "scheduler": scheduler,

@@ -34,9 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler, DDPMCustomUNet  # noqa: E402
 from pipeline_ddpm_custom.losses import (  # noqa: E402
     background_haze, garment_dimming, offset_as_noise, rollout_noise, training_losses)
+from pipeline_ddpm_custom.labels import cycling_class_labels  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, data, export, precision  # noqa: E402
-from training.evaluate import cycling_class_labels, default_batch_size  # noqa: E402
+from training.evaluate import default_batch_size  # noqa: E402
 from training.window_log import WindowLog  # noqa: E402
 
 logger = get_logger("train_ddpm")
