@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .labels import cycling_class_labels
+from .labels import cycling_class_labels, null_class_on_purpose
 from .solvers import SOLVERS, check_eta_applies, solver_from_config
 
 
@@ -66,16 +66,17 @@ def generate(args) -> int:
         pipe.scheduler = solver_from_config(args.scheduler, pipe.scheduler.config)
     labels = class_labels(args, pipe.unet.config.num_class_embeds)
     recorder = DenoisingRecorder(every=max(1, args.steps // 25)) if args.gif else None
-    images = pipe(
-        batch_size=args.num_images,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
-        num_inference_steps=args.steps,
-        eta=args.eta or 0.0,  # None (not given) is DDIM; the solvers take no eta
-        class_labels=labels,
-        guidance_scale=args.guidance_scale,
-        callback_on_step_end=recorder,
-        callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
-    ).images
+    with null_class_on_purpose():  # the CLI samples it only when --null-class asks for it
+        images = pipe(
+            batch_size=args.num_images,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed),
+            num_inference_steps=args.steps,
+            eta=args.eta or 0.0,  # None (not given) is DDIM; the solvers take no eta
+            class_labels=labels,
+            guidance_scale=args.guidance_scale,
+            callback_on_step_end=recorder,
+            callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+        ).images
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid(images).save(args.out)
     print(f"wrote {len(images)} images to {args.out}")

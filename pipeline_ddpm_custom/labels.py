@@ -7,6 +7,8 @@ null class against 5.69 with labels (docs/bundled-model.md). So the CLI, the Spa
 evaluation draw every class in turn unless told otherwise.
 """
 
+import contextlib
+import warnings
 from typing import Iterable, List, Optional
 
 
@@ -15,3 +17,12 @@ def cycling_class_labels(indices: Iterable[int], classes: Optional[int]) -> Opti
     unconditional model, which takes no labels). Every evaluation labels its samples this way; by-class studies
     rely on it."""
     return [i % classes for i in indices] if classes else None
+
+
+@contextlib.contextmanager
+def null_class_on_purpose():
+    """Silence the pipeline's warning about sampling without labels, where the null class is what was asked for
+    (``--null-class``, ``--unconditional``). Not thread-safe, as ``warnings.catch_warnings`` is not."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No class_labels: sampling", category=UserWarning)
+        yield

@@ -76,6 +76,8 @@ def test_generate_defaults_to_ddim(tmp_path):
 def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, capsys):
     """A class-conditional model's grid shows classes 0, 1, 2, 0, ... by default (the pipeline without labels samples
     the null class, which is far weaker); --class-label gives one class, --null-class the pipeline's own default."""
+    import warnings
+
     import numpy as np
     import pytest
     import torch
@@ -99,7 +101,11 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
 
     np.testing.assert_array_equal(drawn(), by_hand([0, 1, 2, 0]))
     np.testing.assert_array_equal(drawn("--class-label", "2"), by_hand(2))
-    np.testing.assert_array_equal(drawn("--null-class"), by_hand(None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: the pipeline's no-labels warning is not repeated at the user
+        null = drawn("--null-class")
+    with pytest.warns(UserWarning, match="null class"):
+        np.testing.assert_array_equal(null, by_hand(None))
     assert not np.array_equal(by_hand(None), by_hand([0, 1, 2, 0]))
     assert main([*common, "--null-class", "--guidance-scale", "2"]) == 2
     assert "no class to guide towards" in capsys.readouterr().err

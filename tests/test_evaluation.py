@@ -234,9 +234,12 @@ def test_unconditional_evaluation_samples_the_null_class_a_user_gets_without_lab
     pipe.save_pretrained(tmp_path / "model")
     common = ["--model", str(tmp_path / "model"), "--num-samples", "6", "--steps", "2", "--eta", "0",
               "--batch-size", "6", "--device", "cpu"]
-    without = sample(pipe, 6, 2, 0.0, 0, 6, 1.0, unconditional=True)
-    by_hand = pipe(batch_size=6, generator=[torch.Generator().manual_seed(i) for i in range(6)], num_inference_steps=2,
-                   eta=0.0, output_type="pt").images  # no class_labels, as a user would call it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning about sampling without labels
+        without = sample(pipe, 6, 2, 0.0, 0, 6, 1.0, unconditional=True)
+    with pytest.warns(UserWarning, match="null class"):
+        by_hand = pipe(batch_size=6, generator=[torch.Generator().manual_seed(i) for i in range(6)], num_inference_steps=2,
+                       eta=0.0, output_type="pt").images  # no class_labels, as a user would call it
     torch.testing.assert_close(without, by_hand)
     assert not torch.allclose(without, sample(pipe, 6, 2, 0.0, 0, 6, 1.0))  # labelled samples differ
     results = evaluate_main([*common, "--unconditional", "--out", str(tmp_path / "null.json")])

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -126,8 +128,14 @@ def test_classifier_free_guidance():
     guided = run(pipe, batch_size=2, num_inference_steps=5, class_labels=[0, 1], guidance_scale=3.0)
     other = run(pipe, batch_size=2, num_inference_steps=5, class_labels=2)
     assert not np.allclose(plain, guided) and not np.allclose(plain, other)
-    unconditional = run(pipe, batch_size=2, num_inference_steps=5)  # no labels: the null class
+    with pytest.warns(UserWarning, match="null class.*Pass class_labels") as caught:
+        unconditional = run(pipe, batch_size=2, num_inference_steps=5)  # no labels: the null class
     assert unconditional.shape == plain.shape
+    assert caught[0].filename == __file__  # it points at the caller's line, not the pipeline's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # labels, or a model without classes: nothing to warn about
+        run(pipe, batch_size=2, num_inference_steps=2, class_labels=[0, 1])
+        run(tiny_pipeline(), batch_size=2, num_inference_steps=2)
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         pipe(class_labels=3)
     with pytest.raises(ValueError, match="one label or one per image"):

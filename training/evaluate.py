@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
-from pipeline_ddpm_custom.labels import cycling_class_labels
+from pipeline_ddpm_custom.labels import cycling_class_labels, null_class_on_purpose
 from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from_config
 from training import data
@@ -268,9 +268,10 @@ def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, 
         idx = list(range(start, min(start + batch_size, num_samples)))
         images = batches.load(start, len(idx), pipe.device) if batches else None
         if images is None:
-            images = pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
-                          eta=eta, class_labels=cycling_class_labels(idx, classes),
-                          guidance_scale=guidance_scale, output_type="pt", **chain, **pipeline_kwargs).images
+            with null_class_on_purpose():  # without labels only when `unconditional` asks for them
+                images = pipe(batch_size=len(idx), generator=[torch.Generator().manual_seed(seed + i) for i in idx],
+                              eta=eta, class_labels=cycling_class_labels(idx, classes),
+                              guidance_scale=guidance_scale, output_type="pt", **chain, **pipeline_kwargs).images
             if batches:
                 batches.save(start, images)
         out.append(images)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
@@ -48,6 +49,11 @@ class DDPMCustomPipeline(DiffusionPipeline):
         num_classes = getattr(self.unet.config, "num_class_embeds", None)
         if class_labels is None:
             if num_classes:  # a conditional model without labels samples from the unconditional (null) class
+                # which trained only on the label-dropped batches; said once per process (Python's default filter);
+                # stacklevel: the caller of __call__, past torch.no_grad's wrapper
+                warnings.warn("No class_labels: sampling this class-conditional model's null class, its unconditional "
+                              "model, which is usually far weaker. Pass class_labels (one per image, e.g. "
+                              f"[i % {num_classes} for i in range(batch_size)]) for its best samples.", stacklevel=4)
                 return torch.full((batch_size,), num_classes, device=self._execution_device, dtype=torch.long)
             return None
         if not num_classes:
