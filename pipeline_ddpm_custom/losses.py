@@ -49,8 +49,9 @@ def garment_dimming(x0: torch.Tensor, max_fraction: float, probability: float = 
     fraction f of its brightness above black: -f * (x0 + 1), f drawn uniformly from [0, max_fraction] for a
     ``probability`` share of the images, 0 for the rest. Black stays black and every gray level loses the same
     share: a uniform darkening (the bundled model's chain, docs/bundled-model.md found, compresses the top of the
-    tonal range instead, and a fine-tune with this made its samples too bright: a darkened image cannot be told from a
-dark one, so the model learns to brighten every input a little, which the chain compounds step by step). ``draw_on`` as in background_haze."""
+    tonal range instead, and a fine-tune with this made its samples too bright: a darkened image cannot be told from
+    a dark one, so the model learns to brighten every input a little, which the chain compounds step by step).
+    ``draw_on`` as in background_haze."""
     batch, draw_on = x0.shape[0], draw_on or x0.device
     fraction = torch.rand(batch, 1, 1, 1, device=draw_on).to(x0.device) * max_fraction
     fraction = fraction * (torch.rand(batch, 1, 1, 1, device=draw_on).to(x0.device) < probability)
