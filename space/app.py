@@ -43,6 +43,12 @@ def class_choices(classes):
             ("none: the null class (unconditional, weaker)", NULL_CLASS)]
 
 
+def guidance_for_class(class_label, guidance_scale):
+    """The guidance slider after a class choice: 1 for the null class (it has no class to guide towards, and the
+    request would be refused), unchanged otherwise."""
+    return 1.0 if class_label == NULL_CLASS else guidance_scale
+
+
 def _gr_error(fn):
     """Turn the library's RequestError / ValueError into a gr.Error the visitor can act on."""
     if inspect.isgeneratorfunction(fn):
@@ -125,6 +131,7 @@ def build_demo(pipe) -> gr.Blocks:
             gif = gr.Image(label="Denoising animation (GIF, download with the button)", type="filepath", elem_id="gif",
                            format="gif", buttons=["download"])
             sampler.change(lambda s: 1.0 if s.startswith("DDPM") else 0.0, sampler, eta, api_visibility="private")
+            class_label.change(guidance_for_class, [class_label, guidance], guidance, api_visibility="private")
             button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance],
                          [preview, gallery, gif, seed], api_name="generate")
             gr.Examples(

@@ -37,6 +37,18 @@ def app_url(tmp_path_factory):
     demo.close()
 
 
+@pytest.fixture(scope="module")
+def conditional_app_url(tmp_path_factory):
+    """The demo on a class-conditional model (three classes)."""
+    model = tmp_path_factory.mktemp("conditional")
+    tiny_pipeline(num_train_timesteps=50, num_class_embeds=3).save_pretrained(model)
+    app = load_app()
+    demo = app.build_demo(app.inference.load_pipeline(str(model)))
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    yield url
+    demo.close()
+
+
 def generate(client, **overrides):
     args = dict(num_images=4, sampler="DDIM (deterministic)", steps=5, eta=0.0, seed=3, randomize_seed=False,
                 class_label=None, guidance_scale=1.0)
@@ -80,7 +92,7 @@ def test_generate_streams_previews(app_url):
     assert len(job.outputs()[-1][1]) == 2
 
 
-def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path):
+def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path, conditional_app_url):
     """The class dropdown starts at every class in turn (the null class, what the pipeline samples without labels,
     is far weaker); the null class and one class are choices, and the demo's images are the pipeline's."""
     import torch
@@ -107,20 +119,18 @@ def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path)
         with pytest.raises(app.inference.RequestError, match=message):
             request(**kwargs).check(pipe)
 
-    demo = app.build_demo(pipe)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
-    try:
-        client = Client(url, verbose=False)
-        drawn = {value: gallery_arrays(generate(client, class_label=value)[1])
-                 for value in [None, app.EVERY_CLASS, app.NULL_CLASS, "2"]}
-        for value in [None, app.EVERY_CLASS]:  # an API caller that names no class gets the default
-            np.testing.assert_array_equal(drawn[value][1], drawn[app.EVERY_CLASS][1])
-        assert not np.array_equal(drawn[app.NULL_CLASS][1], drawn[app.EVERY_CLASS][1])
-        assert not np.array_equal(drawn["2"][1], drawn[app.EVERY_CLASS][1])
-        api = client.view_api(return_format="str", print_info=False)
-        assert "Literal['every', '0', '1', '2', 'null']" in api and re.search(r"defaults to:\s*every\)", api)
-    finally:
-        demo.close()
+    # choosing the null class moves the guidance slider to 1, so its default (3) does not make the request fail
+    assert app.guidance_for_class(app.NULL_CLASS, 3.0) == 1.0 and app.guidance_for_class("2", 3.0) == 3.0
+
+    client = Client(conditional_app_url, verbose=False)
+    drawn = {value: gallery_arrays(generate(client, class_label=value)[1])
+             for value in [None, app.EVERY_CLASS, app.NULL_CLASS, "2"]}
+    for value in [None, app.EVERY_CLASS]:  # an API caller that names no class gets the default
+        np.testing.assert_array_equal(drawn[value][1], drawn[app.EVERY_CLASS][1])
+    assert not np.array_equal(drawn[app.NULL_CLASS][1], drawn[app.EVERY_CLASS][1])
+    assert not np.array_equal(drawn["2"][1], drawn[app.EVERY_CLASS][1])
+    api = client.view_api(return_format="str", print_info=False)
+    assert "Literal['every', '0', '1', '2', 'null']" in api and re.search(r"defaults to:\s*every\)", api)
 
 
 @pytest.mark.parametrize(
@@ -227,4 +237,24 @@ def test_browser_generate_and_forward_process(app_url, browser):
         sources.append(page.locator("#forward_output img").get_attribute("src"))
     assert sources[0] != sources[1]
     page.screenshot(path=str(ARTIFACTS / "space-forward.png"), full_page=True)
+    page.close()
+
+
+def test_browser_null_class_sets_guidance_to_one_and_generates(conditional_app_url, browser):
+    """In the page: the Class menu starts at every class in turn with guidance 3; choosing the null class moves the
+    guidance slider to 1, and Generate then draws the images instead of an error."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(conditional_app_url)
+    assert page.locator("#class_label input").input_value() == "every class in turn"
+    assert page.locator("#guidance input[type=number]").input_value() == "3"
+    page.locator("#class_label input").click()
+    page.get_by_role("option", name="none: the null class (unconditional, weaker)").click()
+    page.wait_for_function("document.querySelector('#guidance input[type=number]').value === '1'", timeout=30_000)
+    for box, value in (("#steps", "4"), ("#num_images", "3")):
+        page.locator(f"{box} input[type=number]").fill(value)
+        page.locator(f"{box} input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3", timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "space-null-class.png"), full_page=True)
     page.close()
