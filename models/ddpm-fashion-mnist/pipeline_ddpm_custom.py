@@ -137,7 +137,9 @@ class DDPMCustomPipeline(DiffusionPipeline):
         timesteps: your own descending chain instead (e.g. denser near t = 0), for schedulers whose
         ``set_timesteps`` takes ``timesteps`` (this one, diffusers' DDPMScheduler).
         eta: 1 = DDPM ancestral, 0 = DDIM (passed to schedulers that take it).
-        class_labels, guidance_scale: class conditioning with classifier-free guidance (scale > 1).
+        class_labels, guidance_scale: class conditioning (one label, or one per image) with classifier-free
+        guidance (scale > 1). Without labels a class-conditional model samples its null class, its unconditional
+        model, which is usually far weaker (a warning says so once).
         image, strength: seed `sample(start_step, prior)`: noise ``image`` (PIL / array in [0, 1], one or
         one per sample) to the step ``strength`` of the way up the chain and denoise from there.
         latents: your own starting noise (B, C, H, W). generator: one, or one per image.
