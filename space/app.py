@@ -43,6 +43,13 @@ def class_choices(classes):
             ("none: the null class (unconditional, weaker)", NULL_CLASS)]
 
 
+def example_class(path, classes):
+    """The class dropdown value of an example image, from its name ("3-dress.png" -> "3"); the null class where the
+    model has no such class."""
+    prefix = os.path.basename(path).split("-")[0]
+    return prefix if classes and prefix.isdigit() and int(prefix) < classes else (NULL_CLASS if classes else None)
+
+
 def guidance_for_class(class_label, guidance_scale):
     """The guidance slider after a class choice: 1 for the null class (it has no class to guide towards, and the
     request would be refused), unchanged otherwise."""
@@ -98,8 +105,9 @@ def build_demo(pipe) -> gr.Blocks:
 
     @gpu
     @_gr_error
-    def img2img(image, strength=0.5, steps=50, seed=0):
-        return inference.upscale(inference.image_to_image(pipe, image, strength, steps, seed))
+    def img2img(image, strength=0.5, steps=50, seed=0, class_label=None):
+        label = None if class_label in (None, "", NULL_CLASS) else int(class_label)
+        return inference.upscale(inference.image_to_image(pipe, image, strength, steps, seed, class_label=label))
 
     with gr.Blocks(title="DDPM: denoising diffusion, step by step") as demo:
         gr.Markdown(
@@ -160,11 +168,15 @@ def build_demo(pipe) -> gr.Blocks:
                     strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Strength", elem_id="i2i_strength")
                     i2i_steps = gr.Slider(1, min(T, inference.MAX_STEPS), value=50, step=1, label="Steps")
                     i2i_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    # an upload's class is unknown, so the null class is the default here; naming it denoises better
+                    i2i_class = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds)[1:], value=NULL_CLASS if conditional else None,
+                                            label="Class of the image", visible=conditional, elem_id="i2i_class")
                     i2i_button = gr.Button("Denoise", variant="primary", elem_id="i2i_run")
                 i2i_out = gr.Gallery(label="Result", columns=1, elem_id="i2i_gallery", format="png")
-            i2i_button.click(img2img, [prior, strength, i2i_steps, i2i_seed], i2i_out, api_name="image_to_image")
-            if example_images:
-                gr.Examples([[p, 0.6] for p in example_images[:3]], [prior, strength])
+            i2i_button.click(img2img, [prior, strength, i2i_steps, i2i_seed, i2i_class], i2i_out, api_name="image_to_image")
+            if example_images:  # named "<class>-<name>.png": a class-conditional model gets the class with the image
+                gr.Examples([[p, 0.6, example_class(p, pipe.unet.config.num_class_embeds)] for p in example_images[:3]],
+                            [prior, strength, i2i_class])
     # a bounded queue: visitors beyond max_size are told to retry instead of piling up
     demo.queue(max_size=int(os.environ.get("QUEUE_MAX_SIZE", 32)),
                default_concurrency_limit=int(os.environ.get("CONCURRENCY_LIMIT", 2)))

@@ -175,16 +175,19 @@ def forward_process(pipe: DDPMCustomPipeline, image, t: int, seed: int = 0):
     return enlarge(to_pil(x_t)[0], 224), snr
 
 
-def image_to_image(pipe: DDPMCustomPipeline, image, strength: float, steps: int, seed: int, sampler: str = "DDIM (deterministic)") -> List[Image.Image]:
-    """The seed notes' sample(start_step, prior): noise the image to `strength` and denoise from there."""
+def image_to_image(pipe: DDPMCustomPipeline, image, strength: float, steps: int, seed: int, sampler: str = "DDIM (deterministic)",
+                   class_label: Optional[int] = None) -> List[Image.Image]:
+    """The seed notes' sample(start_step, prior): noise the image to `strength` and denoise from there, towards
+    `class_label` for a class-conditional model (None: its null class, for an image whose class is unknown)."""
     image = check_upload(image)
-    GenerateRequest(num_images=1, sampler=sampler, steps=steps, seed=seed).check(pipe)
+    GenerateRequest(num_images=1, sampler=sampler, steps=steps, seed=seed, class_label=class_label).check(pipe)
     if not 0.0 <= float(strength) <= 1.0:
         raise RequestError(f"Strength must be between 0 and 1; got {strength}.")
     request_pipe = pipeline_for(pipe, sampler)
     mode = "L" if pipe.unet.config.in_channels == 1 else "RGB"
     return request_pipe(image=image.convert(mode), strength=float(strength), num_inference_steps=int(steps),
-                        eta=SAMPLERS[sampler][1], generator=torch.Generator().manual_seed(int(seed))).images
+                        eta=SAMPLERS[sampler][1], generator=torch.Generator().manual_seed(int(seed)),
+                        class_labels=None if class_label is None else int(class_label)).images
 
 
 def upscale(images: List[Image.Image], size: int = 112) -> List[Image.Image]:

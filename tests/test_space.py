@@ -132,6 +132,21 @@ def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path,
     api = client.view_api(return_format="str", print_info=False)
     assert "Literal['every', '0', '1', '2', 'null']" in api and re.search(r"defaults to:\s*every\)", api)
 
+    # image to image: towards a named class, or the null class for an upload of unknown class (the default)
+    from gradio_client import handle_file
+
+    example = str(ROOT / "space" / "examples" / "2-pullover.png")
+    denoised = {value: np.asarray(Image.open(client.predict(handle_file(example), 0.6, 5, 0, *given,
+                                                            api_name="/image_to_image")[0]["image"]))
+                for value, given in [("default", ()), (app.NULL_CLASS, (app.NULL_CLASS,)), ("2", ("2",))]}
+    np.testing.assert_array_equal(denoised["default"], denoised[app.NULL_CLASS])
+    assert not np.array_equal(denoised["2"], denoised[app.NULL_CLASS])
+    by_hand = pipe(image=Image.open(example).convert("L"), strength=0.6, num_inference_steps=5, eta=0.0,
+                   generator=torch.Generator().manual_seed(0), class_labels=2).images[0]
+    np.testing.assert_array_equal(denoised["2"], np.asarray(app.inference.upscale([by_hand])[0]))
+    assert app.example_class(example, 3) == "2" and app.example_class(example, 2) == app.NULL_CLASS
+    assert app.example_class(example, None) is None
+
 
 @pytest.mark.parametrize(
     "overrides,message",
