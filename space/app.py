@@ -168,7 +168,8 @@ def build_demo(pipe) -> gr.Blocks:
                     strength = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Strength", elem_id="i2i_strength")
                     i2i_steps = gr.Slider(1, min(T, inference.MAX_STEPS), value=50, step=1, label="Steps")
                     i2i_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
-                    # an upload's class is unknown, so the null class is the default here; naming it denoises better
+                    # an upload's class is unknown, so the null class is the default here; naming it conditions on that
+                    # class, the model that generates far better than the null class (labels.py)
                     i2i_class = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds)[1:], value=NULL_CLASS if conditional else None,
                                             label="Class of the image", visible=conditional, elem_id="i2i_class")
                     i2i_button = gr.Button("Denoise", variant="primary", elem_id="i2i_run")
