@@ -1,8 +1,8 @@
 """The class labels the project's entry points choose when the user names no class.
 
 A class-conditional pipeline called without ``class_labels`` samples its null class, the unconditional model that
-classifier-free guidance extrapolates from. That model is trained on only the label-dropped share of the batches
-(``--cond_drop_prob``, 10%) and is far weaker: the bundled model's DDIM-50 FID at 2,000 samples is 25.0 from the
+classifier-free guidance extrapolates from. That model is trained on only the training images whose labels were
+dropped (``--cond_drop_prob``, 10%) and is far weaker: the bundled model's DDIM-50 FID at 2,000 samples is 25.0 from the
 null class against 5.69 with labels (docs/bundled-model.md). So the CLI, the Space, the bundle's pictures and every
 evaluation draw every class in turn unless told otherwise.
 """

@@ -82,9 +82,9 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
         labels_argument=f" class_labels=[i % {num_classes} for i in range(16)]," if num_classes else "",
         labels_sentence=(f" Class-conditional: `class_labels` takes one label in 0..{num_classes - 1} or one per image; "
                          "without labels it samples the null class, the unconditional model classifier-free guidance "
-                         "starts from, which was trained only on the label-dropped share of the batches and is usually far weaker: "
-                         "pass labels, as above, for the model's best samples; `guidance_scale` > 1 adds classifier-free "
-                         "guidance.") if num_classes else "",
+                         "starts from, which was trained only on the training images whose labels were dropped and is "
+                         "usually far weaker: pass labels, as above, for the model's best samples; `guidance_scale` > 1 "
+                         "adds classifier-free guidance.") if num_classes else "",
         config_json=json.dumps(config, indent=2, sort_keys=True, default=str),
         metrics_section=metrics_section,
         notes_section=f"\n{notes.strip()}\n" if notes and notes.strip() else "",

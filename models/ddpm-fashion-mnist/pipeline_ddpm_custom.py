@@ -49,7 +49,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         num_classes = getattr(self.unet.config, "num_class_embeds", None)
         if class_labels is None:
             if num_classes:  # a conditional model without labels samples from the unconditional (null) class
-                # which trained only on the label-dropped batches; said once per process (Python's default filter);
+                # which trained only on the label-dropped images; said once per process (Python's default filter);
                 # stacklevel: the caller of __call__, past torch.no_grad's wrapper
                 warnings.warn("No class_labels: sampling this class-conditional model's null class, its unconditional "
                               "model, which is usually far weaker. Pass class_labels (one per image, e.g. "
