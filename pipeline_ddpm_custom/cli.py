@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .labels import cycling_class_labels, null_class_on_purpose
+from .labels import null_class_on_purpose, requested_labels
 from .solvers import SOLVERS, check_eta_applies, solver_from_config
 
 
@@ -40,17 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def class_labels(args, classes):
     """The labels of the request: the class asked for, the null class (None), or every class in turn; refused where
     the model has no classes or the null class is asked to be guided."""
-    if not classes:
-        if args.class_label is not None or args.null_class:
-            raise ValueError("this model is unconditional: drop --class-label / --null-class.")
-        return None
-    if args.null_class:
-        if args.guidance_scale != 1.0:
-            raise ValueError("--null-class has no class to guide towards: drop --guidance-scale or name a --class-label.")
-        return None
-    if args.class_label is not None:
-        return args.class_label
-    return cycling_class_labels(range(args.num_images), classes)
+    if not classes and (args.class_label is not None or args.null_class):
+        raise ValueError("this model is unconditional: drop --class-label / --null-class.")
+    if args.null_class and args.guidance_scale != 1.0:
+        raise ValueError("--null-class has no class to guide towards: drop --guidance-scale or name a --class-label.")
+    return requested_labels(args.num_images, classes, args.class_label, args.null_class)
 
 
 def generate(args) -> int:

@@ -19,6 +19,18 @@ def cycling_class_labels(indices: Iterable[int], classes: Optional[int]) -> Opti
     return [i % classes for i in indices] if classes else None
 
 
+def requested_labels(count: int, classes: Optional[int], class_label: Optional[int] = None,
+                     null_class: bool = False) -> Optional[List[int]]:
+    """The labels of a request for ``count`` images, as the CLI and the Space read it: none for the null class or an
+    unconditional model, the class asked for on every image, else every class in turn. The callers check the request
+    first (their messages name their own options)."""
+    if null_class or not classes:
+        return None
+    if class_label is not None:
+        return [int(class_label)] * count
+    return cycling_class_labels(range(count), classes)
+
+
 @contextlib.contextmanager
 def null_class_on_purpose():
     """Silence the pipeline's warning about sampling without labels, where the null class is what was asked for

@@ -43,6 +43,13 @@ def class_choices(classes):
             ("none: the null class (unconditional, weaker)", NULL_CLASS)]
 
 
+def class_from_choice(value):
+    """(class label, null class?) of a class dropdown value: every class in turn (the default, also for an API caller
+    that names none) and the null class carry no label."""
+    null = value == NULL_CLASS
+    return (None if null or value in (None, "", EVERY_CLASS) else int(value)), null
+
+
 def example_class(path, classes):
     """The class dropdown value of an example image, from its name ("3-dress.png" -> "3"); the null class where the
     model has no such class."""
@@ -87,10 +94,9 @@ def build_demo(pipe) -> gr.Blocks:
         """Generate images; streams the x0 prediction while denoising. Returns (preview, images, gif, seed)."""
         if randomize_seed:
             seed = random.randint(0, 2**31 - 1)
-        every, null = class_label in (None, "", EVERY_CLASS), class_label == NULL_CLASS
+        label, null = class_from_choice(class_label)
         request = inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                            class_label=None if every or null else int(class_label), null_class=null,
-                                            guidance_scale=guidance_scale)
+                                            class_label=label, null_class=null, guidance_scale=guidance_scale)
         for update in inference.generate_stream(pipe, request):
             if "preview" in update:
                 progress((update["step"], update["total"]), desc="denoising")
@@ -106,7 +112,7 @@ def build_demo(pipe) -> gr.Blocks:
     @gpu
     @_gr_error
     def img2img(image, strength=0.5, steps=50, seed=0, class_label=None):
-        label = None if class_label in (None, "", NULL_CLASS) else int(class_label)
+        label, _ = class_from_choice(class_label)  # no label: the null class, for an upload of unknown class
         return inference.upscale(inference.image_to_image(pipe, image, strength, steps, seed, class_label=label))
 
     with gr.Blocks(title="DDPM: denoising diffusion, step by step") as demo:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
-from pipeline_ddpm_custom.labels import cycling_class_labels
+from pipeline_ddpm_custom.labels import requested_labels
 from pipeline_ddpm_custom.solvers import solver_from_config
 from pipeline_ddpm_custom.pictures import DenoisingRecorder, enlarge, signal_to_noise_ratio, to_model_input, to_pil
 
@@ -81,16 +81,6 @@ class GenerateRequest:
             raise RequestError(f"Guidance scale must be between 1 and 20; got {self.guidance_scale}.")
 
 
-def request_labels(request: GenerateRequest, n: int, classes: Optional[int]) -> Optional[List[int]]:
-    """One label per image: the class asked for, none (the null class, or an unconditional model), or every class in
-    turn."""
-    if request.null_class:
-        return None
-    if request.class_label is not None:
-        return [int(request.class_label)] * n
-    return cycling_class_labels(range(n), classes)
-
-
 def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
     """A pipeline sharing the weights with its own scheduler: concurrent requests never share state."""
     make, _ = SAMPLERS[sampler]
@@ -118,7 +108,7 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
     def work():
         try:
             n = int(request.num_images)
-            labels = request_labels(request, n, pipe.unet.config.num_class_embeds)
+            labels = requested_labels(n, pipe.unet.config.num_class_embeds, request.class_label, request.null_class)
             result["images"] = request_pipe(
                 batch_size=n,
                 generator=[torch.Generator().manual_seed(int(request.seed) + i) for i in range(n)],
