@@ -41,16 +41,35 @@ def fid_terms(fid) -> dict:
     return {"fid": total, "mean_term": mean_term, "covariance_term": total - mean_term}
 
 
-def terms_against(extractor, reference: torch.Tensor, compared: dict, device) -> dict:
-    """{name: fid_terms} of each image set of `compared` against `reference`, whose features are computed once."""
-    fid, _ = make_metrics(extractor, 2, device)
-    feed((fid,), reference, True, extractor)
-    out = {}
-    for name, images in compared.items():
-        fid.reset()
-        feed((fid,), images, False, extractor)
-        out[name] = fid_terms(fid)
-    return out
+class ClassReferences:
+    """FID metrics fed the test split once: the whole split and each class's images, their features kept across
+    resets (evaluate's make_metrics), for the floor and every run to be compared with (before, each comparison fed
+    the 10,000 test images again)."""
+
+    def __init__(self, extractor, test: torch.Tensor, test_labels: np.ndarray, device):
+        self.extractor, self.test, self.test_labels = extractor, test, test_labels
+        self.labels = [int(label) for label in np.unique(test_labels)]
+        self.fids = {"all": self._fed(test, device)}
+        for label in self.labels:
+            self.fids[label] = self._fed(self.of_class(label), device)
+
+    def _fed(self, reference: torch.Tensor, device):
+        fid, _ = make_metrics(self.extractor, 2, device)
+        feed((fid,), reference, True, self.extractor)
+        return fid
+
+    def of_class(self, label: int) -> torch.Tensor:
+        return self.test[torch.from_numpy(self.test_labels == label)]
+
+    def terms(self, key, compared: dict) -> dict:
+        """{name: fid_terms} of each image set of `compared` against the reference `key` ("all" or a label)."""
+        fid = self.fids[key]
+        out = {}
+        for name, images in compared.items():
+            fid.reset()  # the generated side only
+            feed((fid,), images, False, self.extractor)
+            out[name] = fid_terms(fid)
+        return out
 
 
 GARMENT_LEVEL = 15  # gray levels: a pixel over it is garment (area, gray and ink here; x0_mean_along_chain's regions)
@@ -64,18 +83,16 @@ def pixel_statistics(images: torch.Tensor) -> dict:
     return {"garment_area": float(garment.float().mean()), "garment_gray": float(levels[garment].mean())}
 
 
-def by_class(extractor, test, test_labels, sets: dict, device) -> dict:
+def by_class(references: ClassReferences, sets: dict) -> dict:
     """`sets` {name: (images, labels)} against the test split: {"all": {name: terms}, "classes": [{"class", "name",
     "test": pixel statistics, name: terms and pixel statistics}, ...]}, each class's images against the test
     images of that class."""
-    result = {"all": terms_against(extractor, test, {name: images for name, (images, _) in sets.items()}, device),
-              "classes": []}
-    for label in np.unique(test_labels):
-        reference = test[torch.from_numpy(test_labels == label)]
+    result = {"all": references.terms("all", {name: images for name, (images, _) in sets.items()}), "classes": []}
+    for label in references.labels:
         members = {name: images[torch.from_numpy(labels == label)] for name, (images, labels) in sets.items()}
-        terms = terms_against(extractor, reference, members, device)
-        result["classes"].append({"class": int(label), "name": FASHION_MNIST_CLASSES[label],
-                                  "test": pixel_statistics(reference),
+        terms = references.terms(label, members)
+        result["classes"].append({"class": label, "name": FASHION_MNIST_CLASSES[label],
+                                  "test": pixel_statistics(references.of_class(label)),
                                   **{name: {**terms[name], **pixel_statistics(members[name])} for name in sets}})
     return result
 
@@ -125,12 +142,12 @@ def main(argv=None) -> int:
     test, test_labels = real_images("test", 10_000, args.seed, study.device, label_column="label")
     floor, floor_labels = floor_images("test", args.num_samples, args.seed, study.device, balanced=True,
                                        label_column="label")
-    floor_terms = by_class(study.extractor, test, test_labels, {"floor": (floor, floor_labels)}, study.device)
+    references = ClassReferences(study.extractor, test, test_labels, study.device)
+    floor_terms = by_class(references, {"floor": (floor, floor_labels)})
     results = {"setup": study.setup(floor="class-balanced train subset, seed + 1"), "floor": floor_terms, "runs": []}
     sample_labels = np.asarray(cycling_class_labels(range(args.num_samples), classes))  # as study.draw() labels them
     for steps in args.steps:
-        terms = by_class(study.extractor, test, test_labels, {"samples": (study.draw(steps=steps), sample_labels)},
-                         study.device)
+        terms = by_class(references, {"samples": (study.draw(steps=steps), sample_labels)})
         run = {"sampler": results["setup"]["sampler"], "steps": steps, **terms}
         worst = max(zip(run["classes"], floor_terms["classes"]),
                     key=lambda pair: pair[0]["samples"]["fid"] / pair[1]["floor"]["fid"])

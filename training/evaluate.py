@@ -216,10 +216,20 @@ class CachedReferenceFID:
         return float(self.fid.compute())
 
 
-def feed(metric_pair, images, real: bool, extractor, remember: bool = False, batch: int = 1000):
+def feature_batch(extractor, images: torch.Tensor) -> int:
+    """Images per feature pass. 1,000 for Inception (its remembered features are kept per chunk of that size) and on
+    a GPU; 100 for the offline net on a CPU, where a 100-image batch's activations stay in the cache: 10,000 test
+    images in 3.4 s instead of 7.9 s on two cores, bit-identical features (each image's are computed alone)."""
+    if isinstance(extractor, InceptionFeatures) or images.device.type != "cpu":
+        return 1000
+    return 100
+
+
+def feed(metric_pair, images, real: bool, extractor, remember: bool = False, batch: Optional[int] = None):
     """`images` into both metrics as the real (reference) side or the generated one; `remember`: they are real
     images that will come again (the reference in every run, a floor's subset), whose Inception features are then
     kept on disk."""
+    batch = batch or feature_batch(extractor, images)
     side = "reference" if real else "real, compared" if remember else "generated"
     # a bar only where features are slow: Inception takes about 10 images/s on two cores, the offline net thousands
     starts = tqdm(range(0, len(images), batch), desc=f"Inception features ({side})",
@@ -280,7 +290,8 @@ def sample(pipe, num_samples: int, steps: int, eta, seed: int, batch_size: int, 
 
 def class_histogram(images: torch.Tensor, classifier) -> list:
     with torch.no_grad(), full_fp32():
-        predictions = torch.cat([classifier.classify(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+        batch = feature_batch(classifier, images)
+        predictions = torch.cat([classifier.classify(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
     return (torch.bincount(predictions.cpu(), minlength=classifier.config.num_classes).float() / len(predictions)).tolist()
 
 
