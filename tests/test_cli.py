@@ -94,13 +94,18 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
         assert main([*common, *extra, "--out", str(tmp_path / "grid.png")]) == 0
         return np.asarray(Image.open(tmp_path / "grid.png"))
 
-    def by_hand(labels):
+    def by_hand(labels, **guidance):
         images = pipe(batch_size=4, num_inference_steps=4, eta=0.0, class_labels=labels,
-                      generator=torch.Generator().manual_seed(5)).images
+                      generator=torch.Generator().manual_seed(5), **guidance).images
         return np.asarray(grid(images))
 
     np.testing.assert_array_equal(drawn(), by_hand([0, 1, 2, 0]))
     np.testing.assert_array_equal(drawn("--class-label", "2"), by_hand(2))
+    interval = drawn("--guidance-scale", "3", "--guidance-interval", "10", "30")  # of the chain 36, 24, 12, 0: two
+    np.testing.assert_array_equal(interval, by_hand([0, 1, 2, 0], guidance_scale=3.0, guidance_interval=(10, 30)))
+    assert not np.array_equal(interval, by_hand([0, 1, 2, 0], guidance_scale=3.0))
+    assert main([*common, "--guidance-interval", "10", "30"]) == 2
+    assert "give both" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # asked for: the pipeline's no-labels warning is not repeated at the user
         null = drawn("--null-class")

@@ -254,6 +254,37 @@ def test_unconditional_evaluation_samples_the_null_class_a_user_gets_without_lab
         evaluate_main(["--model", str(tmp_path / "plain"), *common[2:], "--unconditional"])
 
 
+def test_guidance_interval_evaluation_scores_the_pipelines_interval_guided_samples(tmp_path, capsys):
+    """--guidance-interval: evaluate scores exactly the images of the pipeline called with guidance_interval (here
+    t = 10 and 5 of the chain 15, 10, 5, 0 guided), which differ from guidance at every step; the setup records the
+    interval (absent without it, so older files resume); an interval without guidance, or upside down, is refused."""
+    from training.evaluate import load_extractor, reference_metrics, score_images
+
+    pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
+    pipe.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "6", "--steps", "4", "--eta", "0",
+              "--batch-size", "6", "--device", "cpu", "--guidance-scale", "3"]
+    by_hand = pipe(batch_size=6, generator=[torch.Generator().manual_seed(i) for i in range(6)], num_inference_steps=4,
+                   eta=0.0, class_labels=[i % 3 for i in range(6)], guidance_scale=3.0, guidance_interval=(5, 12),
+                   output_type="pt").images
+    torch.testing.assert_close(sample(pipe, 6, 4, 0.0, 0, 6, 3.0, guidance_interval=(5, 12)), by_hand)
+    assert not torch.allclose(sample(pipe, 6, 4, 0.0, 0, 6, 3.0), by_hand, atol=0.01)  # every step guided: others
+
+    results = evaluate_main([*common, "--guidance-interval", "5", "12", "--out", str(tmp_path / "interval.json")])
+    assert results["setup"]["guidance_interval"] == [5, 12]
+    extractor = load_extractor("offline", torch.device("cpu"))
+    fid, kid = reference_metrics(extractor, 6, 0, torch.device("cpu"))
+    assert results["runs"][0]["fid"] == pytest.approx(score_images(fid, kid, by_hand, extractor)["fid"], rel=1e-6)
+    everywhere = evaluate_main([*common, "--out", str(tmp_path / "everywhere.json")])
+    assert "guidance_interval" not in everywhere["setup"] and everywhere["runs"][0]["fid"] != results["runs"][0]["fid"]
+    for bad, message in ([*common[:-2], "--guidance-interval", "5", "12"], "give both"),  \
+                        ([*common, "--guidance-interval", "12", "5"], "LOWEST <= HIGHEST"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
 def test_evaluate_batch_size_follows_the_device_unless_given():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_batch_size(cpu) < default_batch_size(cuda)  # two cores are fastest with small batches

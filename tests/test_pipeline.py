@@ -142,11 +142,43 @@ def test_classifier_free_guidance():
         pipe(batch_size=3, class_labels=[0, 1])
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    """guidance_interval=(30, 60): the loop written out here with diffusers' DDIMScheduler, guiding by hand (two
+    UNet calls, eps = uncond + s (cond - uncond)) only where 30 <= t <= 60 and taking the conditional prediction
+    elsewhere; an interval holding every step is plain guidance, one holding none is no guidance."""
+    pipe = tiny_pipeline(num_class_embeds=3)
+    labels = torch.tensor([0, 2])
+    ours = run(pipe, 4, batch_size=2, num_inference_steps=10, eta=0.0, class_labels=labels, guidance_scale=3.0,
+               guidance_interval=(30, 60), output_type="pt")
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    x = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(4))
+    guided_steps = []
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = pipe.unet(x, t, class_labels=labels).sample
+            if 30 <= int(t) <= 60:
+                guided_steps.append(int(t))
+                uncond = pipe.unet(x, t, class_labels=torch.full_like(labels, 3)).sample
+                out = uncond + 3.0 * (out - uncond)
+            x = scheduler.step(out, t, x, eta=0.0, use_clipped_model_output=True).prev_sample  # as ours (clip_sample)
+    assert guided_steps == [60, 50, 40, 30]
+    torch.testing.assert_close(ours, (x / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+
+    common = dict(batch_size=2, num_inference_steps=10, eta=0.0, class_labels=labels)
+    guided, unguided = run(pipe, **common, guidance_scale=3.0), run(pipe, **common)
+    np.testing.assert_array_equal(run(pipe, **common, guidance_scale=3.0, guidance_interval=(0, 99)), guided)
+    np.testing.assert_array_equal(run(pipe, **common, guidance_scale=3.0, guidance_interval=(91, 99)), unguided)
+    assert not np.allclose(guided, unguided, atol=0.01) and not np.allclose(ours.permute(0, 2, 3, 1).numpy(), guided, atol=0.01)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         (dict(batch_size=0), "positive integer"),
         (dict(guidance_scale=0.5), "guidance_scale"),
+        (dict(guidance_scale=2.0, guidance_interval=(60, 30)), r"guidance_interval .*lowest <= highest.*\(60, 30\)"),
+        (dict(guidance_scale=2.0, guidance_interval=50), "guidance_interval must be two timesteps"),
         (dict(output_type="latent"), "output_type"),
         (dict(class_labels=1), "unconditional"),
         (dict(num_inference_steps=101), "1 to 100"),

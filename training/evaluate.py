@@ -313,6 +313,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                         help="override the timestep spacing (default: the model's for its own scheduler, trailing for a solver)")
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LOWEST", "HIGHEST"),
+                        help="guide only the steps whose timestep lies in [LOWEST, HIGHEST] (the pipeline's "
+                             "guidance_interval); needs --guidance-scale")
     parser.add_argument("--unconditional", action="store_true",
                         help="sample a class-conditional model without labels (its null class: what the pipeline "
                              "gives a user who passes none); the class histogram then shows how it spreads over the classes")
@@ -340,6 +343,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.floor = args.floor or args.balanced_floor
     if args.unconditional and args.guidance_scale != 1.0:
         parser.error("--unconditional samples without labels, so there is nothing to guide towards: drop --guidance-scale.")
+    if args.guidance_interval is not None and args.guidance_scale == 1.0:
+        parser.error("--guidance-interval says where to guide, but --guidance-scale is 1 (no guidance): give both.")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
+        parser.error(f"--guidance-interval takes LOWEST HIGHEST timesteps with 0 <= LOWEST <= HIGHEST, e.g. 80 580; "
+                     f"got {args.guidance_interval[0]} {args.guidance_interval[1]}.")
     compare = []
     for item in args.compare:
         label, sep, path = item.partition("=")
@@ -372,7 +380,8 @@ def main(argv=None):
     fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device, args.reference, args.dataset_name)
     setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({int(fid.real_features_num_samples)} images)",
              "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model,
-             **({"unconditional": True} if args.unconditional else {})}  # absent otherwise: older files resume
+             **({"unconditional": True} if args.unconditional else {}),  # absent otherwise: older files resume
+             **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {})}
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
@@ -413,7 +422,7 @@ def main(argv=None):
                           f"taken from {batches.folder}", flush=True)
             start = time.time()
             images = sample(pipe, args.num_samples, steps, eta, args.seed, args.batch_size, args.guidance_scale,
-                            batches=batches, unconditional=args.unconditional)
+                            batches=batches, unconditional=args.unconditional, guidance_interval=args.guidance_interval)
             run = {"sampler": label, "eta": eta,
                    "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
                    "seconds": round(time.time() - start, 1), "device": str(device), "scheduler": scheduler,

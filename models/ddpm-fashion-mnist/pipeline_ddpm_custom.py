@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import warnings
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import diffusers
@@ -67,7 +67,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]; got {labels.tolist()}.")
         return labels
 
-    def check_inputs(self, batch_size, generator, strength, guidance_scale, output_type, callback_inputs):
+    def check_inputs(self, batch_size, generator, strength, guidance_scale, guidance_interval, output_type, callback_inputs):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -76,6 +76,14 @@ class DDPMCustomPipeline(DiffusionPipeline):
             raise ValueError(f"strength must lie in [0, 1] (0 returns the image, 1 ignores it), got {strength}.")
         if guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
+        if guidance_interval is not None:
+            try:
+                low, high = (int(t) for t in guidance_interval)
+            except (TypeError, ValueError):
+                low = high = -1
+            if not 0 <= low <= high:
+                raise ValueError("guidance_interval must be two timesteps (lowest, highest) with 0 <= lowest <= highest, "
+                                 f"e.g. (80, 580); got {guidance_interval!r}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
         unknown = set(callback_inputs or []) - set(self._callback_tensor_inputs)
@@ -123,6 +131,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         eta: float = 1.0,
         class_labels: Union[int, List[int], torch.Tensor, None] = None,
         guidance_scale: float = 1.0,
+        guidance_interval: Optional[Sequence[int]] = None,
         image=None,
         strength: float = 1.0,
         latents: Optional[torch.Tensor] = None,
@@ -140,6 +149,9 @@ class DDPMCustomPipeline(DiffusionPipeline):
         class_labels, guidance_scale: class conditioning (one label, or one per image) with classifier-free
         guidance (scale > 1). Without labels a class-conditional model samples its null class, its unconditional
         model, which is usually far weaker (a warning says so once).
+        guidance_interval: (lowest, highest) timestep: guide only the steps whose t lies in it (inclusive), the
+        others taking the conditional prediction alone (Kynkaanniemi et al. 2024, "Applying guidance in a limited
+        interval"): guidance at high noise narrows variety, at low noise it is not needed. Default: every step.
         image, strength: seed `sample(start_step, prior)`: noise ``image`` (PIL / array in [0, 1], one or
         one per sample) to the step ``strength`` of the way up the chain and denoise from there.
         latents: your own starting noise (B, C, H, W). generator: one, or one per image.
@@ -149,7 +161,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
             image = [image]
         if image is not None and isinstance(image, list) and batch_size == 1:
             batch_size = len(image)
-        self.check_inputs(batch_size, generator, strength, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        self.check_inputs(batch_size, generator, strength, guidance_scale, guidance_interval, output_type,
+                          callback_on_step_end_tensor_inputs)
         device = self._execution_device
         dtype = self.unet.dtype
         cfg = self.unet.config
@@ -184,7 +197,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
 
         self._num_timesteps = len(timesteps)
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_output = self._model_output(latents, t, labels, guidance_scale)
+            guided = guidance_interval is None or int(guidance_interval[0]) <= int(t) <= int(guidance_interval[1])
+            model_output = self._model_output(latents, t, labels, guidance_scale if guided else 1.0)
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = out.prev_sample
             if callback_on_step_end is not None:
