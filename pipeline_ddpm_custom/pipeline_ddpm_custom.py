@@ -24,6 +24,20 @@ from diffusers.utils.torch_utils import randn_tensor
 _LIBRARY_MODULES = ("diffusers", "transformers")
 
 
+def guidance_bounds(guidance_interval) -> tuple:
+    """(lowest, highest) timesteps that guidance applies to: the interval as ints, every timestep for None."""
+    if guidance_interval is None:
+        return 0, float("inf")
+    try:
+        low, high = (int(t) for t in guidance_interval)
+    except (TypeError, ValueError):
+        low = high = -1
+    if not 0 <= low <= high:
+        raise ValueError("guidance_interval must be two timesteps (lowest, highest) with 0 <= lowest <= highest, "
+                         f"e.g. (80, 580); got {guidance_interval!r}.")
+    return low, high
+
+
 class DDPMCustomPipeline(DiffusionPipeline):
     """Unconditional or class-conditional image generation with a UNet and a DDPM/DDIM (or any diffusers) scheduler.
 
@@ -67,7 +81,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
             raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]; got {labels.tolist()}.")
         return labels
 
-    def check_inputs(self, batch_size, generator, strength, guidance_scale, guidance_interval, output_type, callback_inputs):
+    def check_inputs(self, batch_size, generator, strength, guidance_scale, output_type, callback_inputs):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -76,14 +90,6 @@ class DDPMCustomPipeline(DiffusionPipeline):
             raise ValueError(f"strength must lie in [0, 1] (0 returns the image, 1 ignores it), got {strength}.")
         if guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
-        if guidance_interval is not None:
-            try:
-                low, high = (int(t) for t in guidance_interval)
-            except (TypeError, ValueError):
-                low = high = -1
-            if not 0 <= low <= high:
-                raise ValueError("guidance_interval must be two timesteps (lowest, highest) with 0 <= lowest <= highest, "
-                                 f"e.g. (80, 580); got {guidance_interval!r}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
         unknown = set(callback_inputs or []) - set(self._callback_tensor_inputs)
@@ -161,8 +167,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
             image = [image]
         if image is not None and isinstance(image, list) and batch_size == 1:
             batch_size = len(image)
-        self.check_inputs(batch_size, generator, strength, guidance_scale, guidance_interval, output_type,
-                          callback_on_step_end_tensor_inputs)
+        self.check_inputs(batch_size, generator, strength, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        guided_from, guided_to = guidance_bounds(guidance_interval)  # checked here, read at every step
         device = self._execution_device
         dtype = self.unet.dtype
         cfg = self.unet.config
@@ -197,8 +203,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
 
         self._num_timesteps = len(timesteps)
         for i, t in enumerate(self.progress_bar(timesteps)):
-            guided = guidance_interval is None or int(guidance_interval[0]) <= int(t) <= int(guidance_interval[1])
-            model_output = self._model_output(latents, t, labels, guidance_scale if guided else 1.0)
+            scale = guidance_scale if guided_from <= int(t) <= guided_to else 1.0
+            model_output = self._model_output(latents, t, labels, scale)
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = out.prev_sample
             if callback_on_step_end is not None:

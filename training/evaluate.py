@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
 from pipeline_ddpm_custom.labels import cycling_class_labels, null_class_on_purpose
+from pipeline_ddpm_custom.pipeline_ddpm_custom import guidance_bounds
 from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from_config
 from training import data
@@ -345,7 +346,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--unconditional samples without labels, so there is nothing to guide towards: drop --guidance-scale.")
     if args.guidance_interval is not None and args.guidance_scale == 1.0:
         parser.error("--guidance-interval says where to guide, but --guidance-scale is 1 (no guidance): give both.")
-    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
+    try:  # the pipeline's own check, before minutes of reference features
+        guidance_bounds(args.guidance_interval)
+    except ValueError:
         parser.error(f"--guidance-interval takes LOWEST HIGHEST timesteps with 0 <= LOWEST <= HIGHEST, e.g. 80 580; "
                      f"got {args.guidance_interval[0]} {args.guidance_interval[1]}.")
     compare = []
