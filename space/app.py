@@ -63,6 +63,15 @@ def guidance_for_class(class_label, guidance_scale):
     return 1.0 if class_label == NULL_CLASS else guidance_scale
 
 
+def guidance_interval_from(guide_in_interval, guided_from, guided_to):
+    """The request's guidance interval from the checkbox and its two timestep boxes; None (every step) when unticked."""
+    if not guide_in_interval:
+        return None
+    if guided_from is None or guided_to is None:
+        raise inference.RequestError("Fill in both timesteps of the guidance interval, or untick it to guide every step.")
+    return int(guided_from), int(guided_to)
+
+
 def _gr_error(fn):
     """Turn the library's RequestError / ValueError into a gr.Error the visitor can act on."""
     if inspect.isgeneratorfunction(fn):
@@ -90,13 +99,16 @@ def build_demo(pipe) -> gr.Blocks:
     @gpu
     @_gr_error
     def generate(num_images=16, sampler="DDIM (deterministic)", steps=50, eta=None, seed=0, randomize_seed=False,
-                 class_label=None, guidance_scale=1.0, progress=gr.Progress()):
-        """Generate images; streams the x0 prediction while denoising. Returns (preview, images, gif, seed)."""
+                 class_label=None, guidance_scale=1.0, guide_in_interval=False, guided_from=None, guided_to=None,
+                 progress=gr.Progress()):
+        """Generate images; streams the x0 prediction while denoising. Returns (preview, images, gif, seed).
+        guide_in_interval: guidance only where guided_from <= t <= guided_to."""
         if randomize_seed:
             seed = random.randint(0, 2**31 - 1)
         label, null = class_from_choice(class_label)
         request = inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                            class_label=label, null_class=null, guidance_scale=guidance_scale)
+                                            class_label=label, null_class=null, guidance_scale=guidance_scale,
+                                            guidance_interval=guidance_interval_from(guide_in_interval, guided_from, guided_to))
         for update in inference.generate_stream(pipe, request):
             if "preview" in update:
                 progress((update["step"], update["total"]), desc="denoising")
@@ -136,8 +148,19 @@ def build_demo(pipe) -> gr.Blocks:
                         randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
                     class_label = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds), value=EVERY_CLASS if conditional else None,
                                               label="Class", visible=conditional, elem_id="class_label")
-                    guidance = gr.Slider(1.0, 10.0, value=3.0 if conditional else 1.0, step=0.5, label="Guidance scale",
-                                         visible=conditional, elem_id="guidance")
+                    # the defaults are the guidance that measured best for the bundled model (inference.BEST_GUIDANCE_*):
+                    # guidance at every step costs FID, a little of it in the middle of the chain gains
+                    guidance = gr.Slider(1.0, 10.0, value=inference.BEST_GUIDANCE_SCALE if conditional else 1.0, step=0.1,
+                                         label="Guidance scale (1 = none)", visible=conditional, elem_id="guidance")
+                    best_from, best_to = inference.best_guidance_interval(T)
+                    with gr.Group(visible=conditional):
+                        guide_in_interval = gr.Checkbox(value=conditional, elem_id="guide_in_interval",
+                                                        label="Guide only from t to t below (no guidance elsewhere)")
+                        with gr.Row():
+                            guided_from = gr.Number(value=best_from, precision=0, minimum=0, maximum=T - 1, label="from t",
+                                                    elem_id="guided_from")
+                            guided_to = gr.Number(value=best_to, precision=0, minimum=0, maximum=T - 1, label="to t",
+                                                  elem_id="guided_to")
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=2):
                     preview = gr.Image(label="Live preview: the current x0 prediction", type="pil", elem_id="preview", height=320)
@@ -146,7 +169,8 @@ def build_demo(pipe) -> gr.Blocks:
                            format="gif", buttons=["download"])
             sampler.change(lambda s: 1.0 if s.startswith("DDPM") else 0.0, sampler, eta, api_visibility="private")
             class_label.change(guidance_for_class, [class_label, guidance], guidance, api_visibility="private")
-            button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance],
+            button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance,
+                                    guide_in_interval, guided_from, guided_to],
                          [preview, gallery, gif, seed], api_name="generate")
             gr.Examples(
                 [[16, "DDIM (deterministic)", 50, 0.0, 0], [16, "DDIM (deterministic)", 10, 0.0, 1],

@@ -6,12 +6,13 @@ import queue
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline_ddpm_custom import DDPMCustomPipeline, DDPMCustomScheduler
+from pipeline_ddpm_custom.pipeline_ddpm_custom import guidance_bounds
 from pipeline_ddpm_custom.labels import requested_labels
 from pipeline_ddpm_custom.solvers import solver_from_config
 from pipeline_ddpm_custom.pictures import DenoisingRecorder, enlarge, signal_to_noise_ratio, to_model_input, to_pil
@@ -27,6 +28,15 @@ SAMPLERS = {  # label -> (scheduler factory from the model's scheduler config, e
     "SDE-DPM-Solver++ (multistep)": (lambda cfg: solver_from_config("sde-dpmsolver++", cfg), 0.0),
 }
 MAX_IMAGES, MAX_STEPS = 16, 1000
+# the guidance that measured best for the bundled model: scale 1.2 only at t = 80..580 of its 1000 timesteps (README,
+# "Samplers at 50 steps"); the interval is kept as shares of T so that a model with another T gets the same stretch
+BEST_GUIDANCE_SCALE, BEST_GUIDANCE_SHARES = 1.2, (0.08, 0.58)
+
+
+def best_guidance_interval(num_train_timesteps: int) -> Tuple[int, int]:
+    """The measured-best guidance interval (lowest, highest timestep) for a model with this many timesteps."""
+    low, high = BEST_GUIDANCE_SHARES
+    return round(low * num_train_timesteps), round(high * num_train_timesteps)
 MAX_UPLOAD_PIXELS = 4096 * 4096
 ACCEPTED_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I", "I;16", "F")
 
@@ -55,6 +65,7 @@ class GenerateRequest:
     class_label: Optional[int] = None  # None: every class in turn (a class-conditional model)
     null_class: bool = False  # the null class instead: the unconditional model, far weaker (labels.py)
     guidance_scale: float = 1.0
+    guidance_interval: Optional[Tuple[int, int]] = None  # (lowest, highest) t guided; None: every step
 
     def check(self, pipe: DDPMCustomPipeline) -> None:
         T = pipe.scheduler.config.num_train_timesteps
@@ -79,6 +90,14 @@ class GenerateRequest:
             raise RequestError(f"Class must be between 0 and {classes - 1}; got {self.class_label}.")
         if not 1.0 <= float(self.guidance_scale) <= 20.0:
             raise RequestError(f"Guidance scale must be between 1 and 20; got {self.guidance_scale}.")
+        if self.guidance_interval is not None:
+            try:
+                low, high = guidance_bounds(self.guidance_interval)
+            except ValueError:
+                low = high = -1
+            if not 0 <= low <= high < T:
+                raise RequestError(f"The guidance interval must run from a lowest to a highest timestep within 0..{T - 1}, "
+                                   f"lowest first; got {self.guidance_interval}.")
 
 
 def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
@@ -113,7 +132,8 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
                 batch_size=n,
                 generator=[torch.Generator().manual_seed(int(request.seed) + i) for i in range(n)],
                 num_inference_steps=int(request.steps), eta=eta, class_labels=labels,
-                guidance_scale=float(request.guidance_scale), callback_on_step_end=on_step,
+                guidance_scale=float(request.guidance_scale), guidance_interval=request.guidance_interval,
+                callback_on_step_end=on_step,
                 callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
             ).images
         except Exception as error:  # surfaced in the caller's thread

@@ -38,10 +38,17 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def conditional_app_url(tmp_path_factory):
-    """The demo on a class-conditional model (three classes)."""
+def conditional_model(tmp_path_factory):
+    """A class-conditional model (three classes, 50 timesteps) saved in a folder."""
     model = tmp_path_factory.mktemp("conditional")
     tiny_pipeline(num_train_timesteps=50, num_class_embeds=3).save_pretrained(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def conditional_app_url(conditional_model):
+    """The demo on the class-conditional model."""
+    model = conditional_model
     app = load_app()
     demo = app.build_demo(app.inference.load_pipeline(str(model)))
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
@@ -119,7 +126,7 @@ def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path,
         with pytest.raises(app.inference.RequestError, match=message):
             request(**kwargs).check(pipe)
 
-    # choosing the null class moves the guidance slider to 1, so its default (3) does not make the request fail
+    # choosing the null class moves the guidance slider to 1, so its default (1.2) does not make the request fail
     assert app.guidance_for_class(app.NULL_CLASS, 3.0) == 1.0 and app.guidance_for_class("2", 3.0) == 3.0
 
     client = Client(conditional_app_url, verbose=False)
@@ -146,6 +153,54 @@ def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path,
     np.testing.assert_array_equal(denoised["2"], np.asarray(app.inference.upscale([by_hand])[0]))
     assert app.example_class(example, 3) == "2" and app.example_class(example, 2) == app.NULL_CLASS
     assert app.example_class(example, None) is None
+
+
+def test_guidance_in_an_interval_reaches_the_pipeline_and_is_the_default(conditional_model, conditional_app_url):
+    """A conditional demo guides by default as measured best for the bundled model (scale 1.2 at t = 80..580 of
+    1000, as shares of T); the interval the visitor sets is the pipeline's guidance_interval, and unticked it guides
+    every step. Every image is compared with the pipeline called by hand."""
+    import torch
+    from gradio_client import Client
+
+    app = load_app()
+    pipe = app.inference.load_pipeline(str(conditional_model))
+    T = pipe.scheduler.config.num_train_timesteps
+    assert app.inference.best_guidance_interval(1000) == (80, 580)  # the README's setting for the bundled model
+    assert app.inference.best_guidance_interval(T) == (4, 29)
+
+    def by_hand(**guidance):
+        images = pipe(batch_size=3, generator=[torch.Generator().manual_seed(3 + i) for i in range(3)],
+                      num_inference_steps=5, eta=0.0, class_labels=[2, 2, 2], **guidance).images
+        return [np.asarray(app.inference.upscale([im])[0]) for im in images]
+
+    def assert_same(ours, theirs):
+        assert len(ours) == len(theirs) == 3
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(a, b)
+
+    client = Client(conditional_app_url, verbose=False)
+    ask = dict(num_images=3, sampler="DDIM (deterministic)", steps=5, eta=0.0, seed=3, randomize_seed=False, class_label="2")
+    # an API caller that names no guidance gets the page's defaults
+    defaults = gallery_arrays(client.predict(**ask, api_name="/generate")[1])
+    assert_same(defaults, by_hand(guidance_scale=1.2, guidance_interval=(4, 29)))
+    # DDIM-5 on 50 timesteps visits t = 40, 30, 20, 10, 0: (10, 30) guides three of them
+    interval = gallery_arrays(client.predict(**ask, guidance_scale=3.0, guide_in_interval=True, guided_from=10,
+                                             guided_to=30, api_name="/generate")[1])
+    assert_same(interval, by_hand(guidance_scale=3.0, guidance_interval=(10, 30)))
+    everywhere = gallery_arrays(client.predict(**ask, guidance_scale=3.0, guide_in_interval=False, guided_from=10,
+                                               guided_to=30, api_name="/generate")[1])
+    assert_same(everywhere, by_hand(guidance_scale=3.0))
+    assert not np.array_equal(interval[0], everywhere[0])
+
+    # Gradio keeps the boxes within 0..T-1; the demo checks the rest (and the bounds again, for callers without Gradio)
+    for bounds, message in [((30, 10), "lowest first"), ((10, T), f"greater than maximum value {T - 1}"),
+                            ((None, 30), "Fill in both")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(**ask, guidance_scale=3.0, guide_in_interval=True, guided_from=bounds[0], guided_to=bounds[1],
+                           api_name="/generate")
+    for bounds in [(5, "x"), (10, T), (-1, 10)]:
+        with pytest.raises(app.inference.RequestError, match=f"within 0..{T - 1}, lowest first"):
+            app.inference.GenerateRequest(guidance_interval=bounds).check(pipe)
 
 
 @pytest.mark.parametrize(
@@ -256,13 +311,16 @@ def test_browser_generate_and_forward_process(app_url, browser):
 
 
 def test_browser_null_class_sets_guidance_to_one_and_generates(conditional_app_url, browser):
-    """In the page: the Class menu starts at every class in turn with guidance 3; choosing the null class moves the
-    guidance slider to 1, and Generate then draws the images instead of an error."""
+    """In the page: the Class menu starts at every class in turn with the measured-best guidance (1.2, only at t =
+    4..29 of this model's 50, the shares of 80..580 of 1000); choosing the null class moves the guidance slider to 1,
+    and Generate then draws the images instead of an error."""
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     page.goto(conditional_app_url)
     assert page.locator("#class_label input").input_value() == "every class in turn"
-    assert page.locator("#guidance input[type=number]").input_value() == "3"
+    assert page.locator("#guidance input[type=number]").input_value() == "1.2"
+    assert page.locator("#guide_in_interval input").is_checked()
+    assert [page.locator(f"#{box} input").input_value() for box in ("guided_from", "guided_to")] == ["4", "29"]
     page.locator("#class_label input").click()
     page.get_by_role("option", name="none: the null class (unconditional, weaker)").click()
     page.wait_for_function("document.querySelector('#guidance input[type=number]').value === '1'", timeout=30_000)
@@ -273,3 +331,35 @@ def test_browser_null_class_sets_guidance_to_one_and_generates(conditional_app_u
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 3", timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "space-null-class.png"), full_page=True)
     page.close()
+
+
+def test_browser_guidance_interval_set_in_the_page_gives_the_pipelines_images(conditional_model, conditional_app_url, browser):
+    """A visitor who picks class 2, guidance 3 and the interval t = 10..30 gets the images the pipeline draws with
+    guidance_scale=3, guidance_interval=(10, 30): the page's images are fetched and compared pixel for pixel."""
+    import io
+
+    import torch
+
+    app = load_app()
+    pipe = app.inference.load_pipeline(str(conditional_model))
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(conditional_app_url)
+    page.locator("#class_label input").click()
+    page.get_by_role("option", name="2", exact=True).click()
+    for box, value in (("#steps input[type=number]", "5"), ("#num_images input[type=number]", "2"),
+                       ("#guidance input[type=number]", "3"), ("#guided_from input", "10"), ("#guided_to input", "30")):
+        page.locator(box).fill(value)
+        page.locator(box).press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('.progress-text').length === 0", timeout=60_000)
+    shown = [np.asarray(Image.open(io.BytesIO(page.request.get(img.get_attribute("src")).body())).convert("L"))
+             for img in page.locator("#gallery img").all()]
+    page.screenshot(path=str(ARTIFACTS / "space-guidance-interval.png"), full_page=True)
+    page.close()
+
+    images = pipe(batch_size=2, generator=[torch.Generator().manual_seed(i) for i in range(2)], num_inference_steps=5,
+                  eta=0.0, class_labels=[2, 2], guidance_scale=3.0, guidance_interval=(10, 30)).images
+    assert len(shown) == 2
+    for ours, theirs in zip(shown, app.inference.upscale(images)):
+        np.testing.assert_array_equal(ours, np.asarray(theirs.convert("L")))
