@@ -61,7 +61,7 @@ def matched_gains(samples, sample_labels, real, real_labels, classes: int) -> to
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_arguments(parser)
+    add_sampling_arguments(parser, guidance=True)
     parser.add_argument("--gains", type=float, nargs="+", default=[1.0, 1.02, 1.04, 1.06],
                         help="pixel gains to score (1 = the samples as drawn)")
     args = parser.parse_args(argv)

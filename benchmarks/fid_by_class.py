@@ -130,7 +130,7 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_sampling_arguments(parser, num_samples=2000, solvers=True, many_steps=True)
+    add_sampling_arguments(parser, num_samples=2000, solvers=True, many_steps=True, guidance=True)
     parser.add_argument("--plot", default=None, help="PNG of the per-class FIDs and their terms")
     args = parser.parse_args(argv)
     check_sampling_arguments(parser, args)

@@ -20,18 +20,20 @@ from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import check_eta_applies
 from training.atomic_files import write_json_atomically
 from training.evaluate import (
-    SAMPLING_SETTINGS, SCHEDULER_CHOICES, default_batch_size, load_extractor, reference_metrics, sample, sampler_label,
-    score_images, use_scheduler)
+    SAMPLING_SETTINGS, SCHEDULER_CHOICES, add_guidance_arguments, check_guidance_arguments, default_batch_size,
+    guidance_setup, load_extractor, reference_metrics, sample, sampler_label, score_images, use_scheduler)
 
 REFERENCE = "fashion-mnist test (10000 images)"
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 500, solvers: bool = False,
-                           many_steps: bool = False) -> None:
+                           many_steps: bool = False, guidance: bool = False) -> None:
     """The options every study takes: the model, how many samples, the sampler, the seed, where to run and write.
     `solvers`: also --scheduler and --timestep-spacing, for a study that works with diffusers' solvers as well as the
     model's own scheduler, on the scheduler's own chain of timesteps (a study that changes the model scheduler's steps
-    or timesteps does not); `many_steps`: --steps takes a list, one run each."""
+    or timesteps does not); `many_steps`: --steps takes a list, one run each; `guidance`: also evaluate's
+    --guidance-scale and --guidance-interval, for a study whose samples may be guided (one that changes the UNet's
+    calls does not)."""
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
     parser.add_argument("--num-samples", type=int, default=num_samples)
     parser.add_argument("--steps", type=int, default=[50] if many_steps else 50, nargs="+" if many_steps else None)
@@ -41,6 +43,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 5
                             help="'model': the model's own scheduler (with --eta); else one of diffusers' solvers")
         parser.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                             help="the chain's spacing (default: the model scheduler's own; trailing for a solver)")
+    if guidance:
+        add_guidance_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten atomically after every run)")
@@ -57,6 +61,10 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(str(error))
     if args.scheduler == "model" and args.eta is None:
         args.eta = 0.0
+    if hasattr(args, "guidance_scale"):
+        check_guidance_arguments(parser, args)
+    else:  # a study without guidance options samples unguided
+        args.guidance_scale, args.guidance_interval = 1.0, None
 
 
 @contextlib.contextmanager
@@ -117,17 +125,18 @@ class Study:
     def setup(self, **extra) -> dict:
         """The header of the results: what was sampled, how, and scored against what."""
         a = self.args
+        guided = guidance_setup(a) if a.guidance_scale != 1.0 else {}  # absent unguided, as in every earlier file
         return {"model": a.model, "num_samples": a.num_samples, "sampler": sampler_label(a.scheduler, a.eta),
-                "steps": a.steps, "eta": a.eta, "seed": a.seed, "extractor": "offline", "reference": REFERENCE, **extra,
+                "steps": a.steps, "eta": a.eta, "seed": a.seed, **guided, "extractor": "offline", "reference": REFERENCE, **extra,
                 "scheduler": {"class": type(self.pipe.scheduler).__name__,
                               **{k: self.pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}}
 
     def draw(self, steps: int = None, **pipeline_kwargs) -> torch.Tensor:
-        """args.num_samples images in [0, 1], (N, 1, H, W), with the study's steps (or `steps`), eta and seed,
-        guidance 1."""
+        """args.num_samples images in [0, 1], (N, 1, H, W), with the study's steps (or `steps`), eta, seed and
+        guidance (1 and no interval for a study without guidance options)."""
         a = self.args
-        return sample(self.pipe, a.num_samples, steps or a.steps, a.eta, a.seed, default_batch_size(self.device), 1.0,
-                      **pipeline_kwargs)
+        return sample(self.pipe, a.num_samples, steps or a.steps, a.eta, a.seed, default_batch_size(self.device),
+                      a.guidance_scale, guidance_interval=a.guidance_interval, **pipeline_kwargs)
 
     def score(self, images: torch.Tensor) -> dict:
         return score_images(self.fid, self.kid, images, self.extractor)

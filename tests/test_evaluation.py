@@ -1147,6 +1147,31 @@ def test_studies_sample_with_the_timestep_spacing_they_are_given(tmp_path):
     assert fid != leading["runs"][0]["all"]["samples"]["fid"]
 
 
+def test_studies_that_take_guidance_sample_as_evaluate_does_with_it(tmp_path, capsys):
+    """--guidance-scale and --guidance-interval of the sampler studies that take them (here fid_by_class.py): the
+    samples evaluate scores with the same options, recorded in the setup block, other than the unguided ones;
+    refused as evaluate refuses them. An unguided study's setup has no guidance keys, as before the options."""
+    from fid_by_class import main as by_class_main
+
+    tiny_pipeline(num_train_timesteps=20, num_class_embeds=10).save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "40", "--device", "cpu", "--steps", "3"]
+    guided = ["--guidance-scale", "2", "--guidance-interval", "5", "15"]  # DDIM-3 on 20 timesteps: t = 12, 6, 0
+    assert by_class_main([*common, *guided, "--out", str(tmp_path / "guided.json")]) == 0
+    assert by_class_main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    results, plain = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("guided", "plain"))
+    assert results["setup"]["guidance_scale"] == 2.0 and results["setup"]["guidance_interval"] == [5, 15]
+    assert "guidance_scale" not in plain["setup"] and "guidance_interval" not in plain["setup"]
+    measured = evaluate_main([*common, *guided, "--eta", "0", "--batch-size", "64", "--out", str(tmp_path / "e.json")])
+    fid = results["runs"][0]["all"]["samples"]["fid"]
+    assert fid == pytest.approx(measured["runs"][0]["fid"], rel=1e-6)
+    assert fid != plain["runs"][0]["all"]["samples"]["fid"]
+    for bad, message in [(["--guidance-interval", "5", "15"], "--guidance-scale is 1"),
+                         (["--guidance-scale", "2", "--guidance-interval", "15", "5"], "0 <= LOWEST <= HIGHEST")]:
+        with pytest.raises(SystemExit):
+            by_class_main([*common, *bad])
+        assert message in capsys.readouterr().err
+
+
 def test_x0_mean_along_chain_is_zero_for_an_exact_model_and_finds_a_bias_and_a_dim_chain():
     """benchmarks/x0_mean_along_chain.py: data of one fixed image per class, and a model that knows it (its x0
     prediction is the image of the label it is given): at every step the x0 prediction's class average is the

@@ -302,6 +302,31 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cpu" else 500
 
 
+def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
+    """--guidance-scale and --guidance-interval (evaluate's, and the sampler studies' that take guidance)."""
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LOWEST", "HIGHEST"),
+                        help="guide only the steps whose timestep lies in [LOWEST, HIGHEST] (the pipeline's "
+                             "guidance_interval); needs --guidance-scale")
+
+
+def check_guidance_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an interval without guidance or upside down, before minutes of reference features."""
+    if args.guidance_interval is not None and args.guidance_scale == 1.0:
+        parser.error("--guidance-interval says where to guide, but --guidance-scale is 1 (no guidance): give both.")
+    try:  # the pipeline's own check
+        guidance_bounds(args.guidance_interval)
+    except ValueError:
+        parser.error(f"--guidance-interval takes LOWEST HIGHEST timesteps with 0 <= LOWEST <= HIGHEST, e.g. 80 580; "
+                     f"got {args.guidance_interval[0]} {args.guidance_interval[1]}.")
+
+
+def guidance_setup(args: argparse.Namespace) -> dict:
+    """The guidance part of a results file's setup: the interval only when set, so that older files resume."""
+    return {"guidance_scale": args.guidance_scale,
+            **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {})}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="pipeline folder or Hub repo id")
@@ -313,10 +338,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model: the model's own (DDIM/DDPM by --eta); or one of diffusers' multistep solvers")
     parser.add_argument("--timestep-spacing", default=None, choices=TIMESTEP_SPACINGS,
                         help="override the timestep spacing (default: the model's for its own scheduler, trailing for a solver)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
-    parser.add_argument("--guidance-interval", type=int, nargs=2, default=None, metavar=("LOWEST", "HIGHEST"),
-                        help="guide only the steps whose timestep lies in [LOWEST, HIGHEST] (the pipeline's "
-                             "guidance_interval); needs --guidance-scale")
+    add_guidance_arguments(parser)
     parser.add_argument("--unconditional", action="store_true",
                         help="sample a class-conditional model without labels (its null class: what the pipeline "
                              "gives a user who passes none); the class histogram then shows how it spreads over the classes")
@@ -344,13 +366,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.floor = args.floor or args.balanced_floor
     if args.unconditional and args.guidance_scale != 1.0:
         parser.error("--unconditional samples without labels, so there is nothing to guide towards: drop --guidance-scale.")
-    if args.guidance_interval is not None and args.guidance_scale == 1.0:
-        parser.error("--guidance-interval says where to guide, but --guidance-scale is 1 (no guidance): give both.")
-    try:  # the pipeline's own check, before minutes of reference features
-        guidance_bounds(args.guidance_interval)
-    except ValueError:
-        parser.error(f"--guidance-interval takes LOWEST HIGHEST timesteps with 0 <= LOWEST <= HIGHEST, e.g. 80 580; "
-                     f"got {args.guidance_interval[0]} {args.guidance_interval[1]}.")
+    check_guidance_arguments(parser, args)
     compare = []
     for item in args.compare:
         label, sep, path = item.partition("=")
@@ -382,9 +398,8 @@ def main(argv=None):
     classifier = extractor if isinstance(extractor, FashionFeatureNet) else load_extractor("offline", device)
     fid, kid = reference_metrics(extractor, args.num_samples, args.seed, device, args.reference, args.dataset_name)
     setup = {"extractor": args.extractor, "reference": f"fashion-mnist {args.reference} ({int(fid.real_features_num_samples)} images)",
-             "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale, "model": args.model,
-             **({"unconditional": True} if args.unconditional else {}),  # absent otherwise: older files resume
-             **({"guidance_interval": args.guidance_interval} if args.guidance_interval else {})}
+             "num_samples": args.num_samples, "seed": args.seed, **guidance_setup(args), "model": args.model,
+             **({"unconditional": True} if args.unconditional else {})}  # absent otherwise: older files resume
     results = {"setup": setup, "runs": []}
     if args.resume:
         results = previous_results(args.out, setup)
