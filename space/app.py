@@ -155,7 +155,7 @@ def build_demo(pipe) -> gr.Blocks:
                     best_from, best_to = inference.best_guidance_interval(T)
                     with gr.Group(visible=conditional):
                         guide_in_interval = gr.Checkbox(value=conditional, elem_id="guide_in_interval",
-                                                        label="Guide only from t to t below (no guidance elsewhere)")
+                                                        label="Guide only between the two timesteps below (no guidance elsewhere)")
                         with gr.Row():
                             guided_from = gr.Number(value=best_from, precision=0, minimum=0, maximum=T - 1, label="from t",
                                                     elem_id="guided_from")

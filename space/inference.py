@@ -28,6 +28,8 @@ SAMPLERS = {  # label -> (scheduler factory from the model's scheduler config, e
     "SDE-DPM-Solver++ (multistep)": (lambda cfg: solver_from_config("sde-dpmsolver++", cfg), 0.0),
 }
 MAX_IMAGES, MAX_STEPS = 16, 1000
+MAX_UPLOAD_PIXELS = 4096 * 4096
+ACCEPTED_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I", "I;16", "F")
 # the guidance that measured best for the bundled model: scale 1.2 only at t = 80..580 of its 1000 timesteps (README,
 # "Samplers at 50 steps"); the interval is kept as shares of T so that a model with another T gets the same stretch
 BEST_GUIDANCE_SCALE, BEST_GUIDANCE_SHARES = 1.2, (0.08, 0.58)
@@ -37,8 +39,6 @@ def best_guidance_interval(num_train_timesteps: int) -> Tuple[int, int]:
     """The measured-best guidance interval (lowest, highest timestep) for a model with this many timesteps."""
     low, high = BEST_GUIDANCE_SHARES
     return round(low * num_train_timesteps), round(high * num_train_timesteps)
-MAX_UPLOAD_PIXELS = 4096 * 4096
-ACCEPTED_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I", "I;16", "F")
 
 
 class RequestError(ValueError):
