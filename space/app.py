@@ -138,8 +138,8 @@ def build_demo(pipe) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     num_images = gr.Slider(1, inference.MAX_IMAGES, value=16, step=1, label="Number of images", elem_id="num_images")
-                    # bundled model at 50 steps (README, "Samplers at 50 steps"): SDE-DPM-Solver++ best, DDIM the
-                    # deterministic default (its output is a fixed function of the seed's noise)
+                    # bundled model at 50 steps (README, "Samplers at 50 steps"): DDIM guided in the interval below best,
+                    # SDE-DPM-Solver++ best unguided; DDIM the default (its output is a fixed function of the seed's noise)
                     sampler = gr.Dropdown(list(inference.SAMPLERS), value="DDIM (deterministic)", label="Sampler", elem_id="sampler")
                     steps = gr.Slider(1, min(T, inference.MAX_STEPS), value=50, step=1, label="Steps", elem_id="steps")
                     eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (0 = DDIM, 1 = DDPM; DDIM/DDPM samplers)", elem_id="eta")

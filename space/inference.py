@@ -23,7 +23,7 @@ BUNDLED_MODEL = os.path.join(os.path.dirname(HERE), "models", "ddpm-fashion-mnis
 SAMPLERS = {  # label -> (scheduler factory from the model's scheduler config, eta)
     "DDIM (deterministic)": (lambda cfg: DDPMCustomScheduler.from_config(cfg), 0.0),
     "DDPM (ancestral)": (lambda cfg: DDPMCustomScheduler.from_config(cfg), 1.0),
-    # diffusers' solvers ignore eta; the SDE one gave the bundled model's best FID at 50 steps (README)
+    # diffusers' solvers ignore eta; the SDE one gave the bundled model's best unguided FID at 50 steps (README)
     "DPM-Solver++ (multistep)": (lambda cfg: solver_from_config("dpmsolver++", cfg), 0.0),
     "SDE-DPM-Solver++ (multistep)": (lambda cfg: solver_from_config("sde-dpmsolver++", cfg), 0.0),
 }
