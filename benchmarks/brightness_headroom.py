@@ -2,6 +2,7 @@
 
     python benchmarks/brightness_headroom.py --model models/ddpm-fashion-mnist --num-samples 2000 \
         --gains 1 1.01 1.02 1.03 1.04 1.06 --out benchmarks/results/brightness-headroom-cpu-2k-ft15.json
+    (--guidance-scale and --guidance-interval as in training.evaluate: the same guided images)
 
 The shipped weights' DDIM samples draw every class's garments a few gray levels darker than the data
 (docs/bundled-model.md, *Which classes carry the gap*). Before training a remedy for that, this asks
