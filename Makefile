@@ -26,7 +26,8 @@ setup: install system-deps
 # the main job: a sample grid and a denoising GIF from the bundled model (about a minute on 2 cores)
 demo: install
 	$(BIN)/python -m pipeline_ddpm_custom generate --model models/ddpm-fashion-mnist --num-images 16 \
-		--steps 50 --eta 0 --seed 0 --out outputs/samples.png --gif outputs/denoising.gif
+		--steps 50 --eta 0 --guidance-scale 1.2 --guidance-interval 80 580 --seed 0 \
+		--out outputs/samples.png --gif outputs/denoising.gif
 	@echo "Samples: outputs/samples.png   Denoising GIF: outputs/denoising.gif"
 	@echo "Next: 'make test' (tests), README.md sections Training / Evaluation / The Space"
 
