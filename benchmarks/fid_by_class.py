@@ -104,8 +104,13 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    setup = results["setup"]
+    guided = ""  # the samples' guidance, where they had any, in their label
+    if setup.get("guidance_scale", 1.0) != 1.0:
+        interval = setup.get("guidance_interval")
+        guided = f", guidance {setup['guidance_scale']:g}" + (f" at t = {interval[0]}-{interval[1]}" if interval else "")
     sets = [("real vs real floor", "floor", results["floor"])] + [
-        (f"{run['sampler']}, {run['steps']} steps", "samples", run) for run in results["runs"]]
+        (f"{run['sampler']}, {run['steps']} steps{guided}", "samples", run) for run in results["runs"]]
     names = [row["name"] for row in results["floor"]["classes"]]
     width = 0.8 / len(sets)
     fig, ax = plt.subplots(figsize=(10, 5.5))

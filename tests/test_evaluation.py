@@ -1156,7 +1156,8 @@ def test_studies_that_take_guidance_sample_as_evaluate_does_with_it(tmp_path, ca
     tiny_pipeline(num_train_timesteps=20, num_class_embeds=10).save_pretrained(tmp_path / "model")
     common = ["--model", str(tmp_path / "model"), "--num-samples", "40", "--device", "cpu", "--steps", "3"]
     guided = ["--guidance-scale", "2", "--guidance-interval", "5", "15"]  # DDIM-3 on 20 timesteps: t = 12, 6, 0
-    assert by_class_main([*common, *guided, "--out", str(tmp_path / "guided.json")]) == 0
+    assert by_class_main([*common, *guided, "--out", str(tmp_path / "guided.json"), "--plot", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0  # its legend names the guidance
     assert by_class_main([*common, "--out", str(tmp_path / "plain.json")]) == 0
     results, plain = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("guided", "plain"))
     assert results["setup"]["guidance_scale"] == 2.0 and results["setup"]["guidance_interval"] == [5, 15]
