@@ -45,6 +45,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, num_samples: int = 5
                             help="the chain's spacing (default: the model scheduler's own; trailing for a solver)")
     if guidance:
         add_guidance_arguments(parser)
+    else:  # a study that changes the UNet's calls samples unguided
+        parser.set_defaults(guidance_scale=1.0, guidance_interval=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="JSON file for the results (rewritten atomically after every run)")
@@ -61,10 +63,7 @@ def check_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
         parser.error(str(error))
     if args.scheduler == "model" and args.eta is None:
         args.eta = 0.0
-    if hasattr(args, "guidance_scale"):
-        check_guidance_arguments(parser, args)
-    else:  # a study without guidance options samples unguided
-        args.guidance_scale, args.guidance_interval = 1.0, None
+    check_guidance_arguments(parser, args)
 
 
 @contextlib.contextmanager

@@ -91,11 +91,11 @@ class GenerateRequest:
         if not 1.0 <= float(self.guidance_scale) <= 20.0:
             raise RequestError(f"Guidance scale must be between 1 and 20; got {self.guidance_scale}.")
         if self.guidance_interval is not None:
-            try:
-                low, high = guidance_bounds(self.guidance_interval)
+            try:  # the pipeline's check, and the model's last timestep, which the pipeline does not ask for
+                within = guidance_bounds(self.guidance_interval)[1] < T
             except ValueError:
-                low = high = -1
-            if not 0 <= low <= high < T:
+                within = False
+            if not within:
                 raise RequestError(f"The guidance interval must run from a lowest to a highest timestep within 0..{T - 1}, "
                                    f"lowest first; got {self.guidance_interval}.")
 
