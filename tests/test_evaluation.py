@@ -382,6 +382,68 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     assert "the earlier bundle gave 99.5." in (target / "README.md").read_text()
 
 
+def test_bundle_model_draws_and_documents_the_guidance_it_is_given(tmp_path):
+    """--guidance-scale/--guidance-interval reach the pictures, the card's example (which runs as written, through
+    remote code, and gives the guided pipeline's images) and the card's metrics rows; a model without classes, or
+    an interval without a scale, is refused before the old bundle is touched."""
+    from training.bundle_model import main as bundle_main
+    from pipeline_ddpm_custom.labels import cycling_class_labels
+    from pipeline_ddpm_custom.pictures import grid
+
+    source, target = tmp_path / "export", tmp_path / "bundled"
+    pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
+    pipe.save_pretrained(source)
+    (source / "training_config.json").write_text(json.dumps({"num_classes": 3, "dataset_name": None}))
+    guided_run = {"setup": {"extractor": "offline", "num_samples": 40, "reference": "test", "guidance_scale": 2.0,
+                            "guidance_interval": [5, 15]}, "floor": {"fid": 1.25, "draw": "class-balanced"},
+                  "runs": [{"sampler": "DDIM", "steps": 5, "fid": 7.75, "class_histogram": [0.3, 0.3, 0.4]}]}
+    unguided_run = {"setup": {**guided_run["setup"], "guidance_scale": 1.0}, "floor": {"fid": 1.5},
+                    "runs": [{"sampler": "DDIM", "steps": 5, "fid": 9.5, "class_histogram": [0.3, 0.3, 0.4]}]}
+    del unguided_run["setup"]["guidance_interval"]
+    (tmp_path / "guided.json").write_text(json.dumps(guided_run))
+    (tmp_path / "unguided.json").write_text(json.dumps(unguided_run))
+    bundle_main([str(source), str(target), "--steps", "5", "--guidance-scale", "2", "--guidance-interval", "5", "15",
+                 "--evaluation", str(tmp_path / "unguided.json"), str(tmp_path / "guided.json"), "--repo-id", str(target)])
+
+    def pictures(**guidance):
+        images = pipe(batch_size=16, generator=[torch.Generator().manual_seed(i) for i in range(16)], num_inference_steps=5,
+                      eta=0.0, class_labels=cycling_class_labels(range(16), 3), **guidance).images
+        return np.asarray(grid(images, cols=8))
+
+    drawn = np.asarray(Image.open(target / "samples.png"))
+    np.testing.assert_array_equal(drawn, pictures(guidance_scale=2.0, guidance_interval=(5, 15)))
+    assert not np.array_equal(drawn, pictures())
+
+    card = (target / "README.md").read_text()
+    rows = dict(line.strip("| ").split(" | ") for line in card.split("## Metrics")[1].splitlines() if line.startswith("| FID"))
+    assert rows == {"FID real vs real (floor; offline features, 40 samples vs test)": "1.50",
+                    "FID DDIM, 5 steps (offline features, 40 samples vs test)": "9.50 (class shares 30.0%..40.0%)",
+                    "FID real vs real (class-balanced floor; offline features, 40 samples vs test)": "1.25",
+                    "FID DDIM, 5 steps, classifier-free guidance 2 only at t = 5-15 (offline features, 40 samples vs test)":
+                        "7.75 (class shares 30.0%..40.0%)"}
+    example = card.split("```python\n")[1].split("```")[0]
+    assert "guidance_scale=2, guidance_interval=(5, 15)," in example
+    code = example + "import numpy\nnumpy.save('example.npy', numpy.stack([numpy.asarray(i) for i in images]))\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundled = DDPMCustomPipeline.from_pretrained(target)
+    bundled.set_progress_bar_config(disable=True)
+    by_hand = bundled(batch_size=16, num_inference_steps=5, eta=0.0, class_labels=[i % 3 for i in range(16)],
+                      guidance_scale=2.0, guidance_interval=(5, 15), generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_array_equal(np.load(tmp_path / "example.npy"), np.stack([np.asarray(i) for i in by_hand]))
+
+    before = card
+    unconditional = tmp_path / "unconditional"
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(unconditional)
+    (unconditional / "training_config.json").write_text(json.dumps({"dataset_name": None}))
+    for refused in ([str(unconditional), str(target), "--guidance-scale", "2"],
+                    [str(source), str(target), "--guidance-interval", "5", "15"]):
+        with pytest.raises(SystemExit):
+            bundle_main(refused)
+    assert (target / "README.md").read_text() == before
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_x0_error_diagnostic_is_zero_for_an_oracle_and_large_for_a_wrong_model(prediction_type):
     """benchmarks/x0_error_by_timestep.py converts each prediction type back to x0 correctly: a UNet

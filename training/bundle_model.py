@@ -19,28 +19,34 @@ from pipeline_ddpm_custom import DDPMCustomPipeline
 from pipeline_ddpm_custom.labels import cycling_class_labels
 from pipeline_ddpm_custom.pictures import DenoisingRecorder, grid
 from training import data, export
+from training.evaluate import add_guidance_arguments, check_guidance_arguments
 
 
 def card_metrics(evaluation: dict) -> dict:
     """The model card's table: one row per evaluated sampler and step count, with the floor beside it."""
     setup = evaluation["setup"]
     where = f"{setup['extractor']} features, {setup['num_samples']} samples vs {setup['reference']}"
+    guidance = setup.get("guidance_scale", 1.0)  # files from before guidance was recorded were unguided
+    guided = f", {export.guidance_description(guidance, setup.get('guidance_interval'))}" if guidance != 1.0 else ""
     rows = {}
-    if "floor" in evaluation:
-        rows[f"FID real vs real (floor; {where})"] = f"{evaluation['floor']['fid']:.2f}"
+    if "floor" in evaluation:  # a class-balanced train subset is another floor than a random one: its own row
+        balanced = evaluation["floor"].get("draw") == "class-balanced"
+        rows[f"FID real vs real ({'class-balanced ' if balanced else ''}floor; {where})"] = f"{evaluation['floor']['fid']:.2f}"
     for run in evaluation["runs"]:
         shares = run["class_histogram"]
-        rows[f"FID {run['sampler']}, {run['steps']} steps ({where})"] = (
+        rows[f"FID {run['sampler']}, {run['steps']} steps{guided} ({where})"] = (
             f"{run['fid']:.2f} (class shares {min(shares):.1%}..{max(shares):.1%})")
     return rows
 
 
-def write_pictures(pipe, folder: str, eta: float, steps: int, seed: int) -> None:
+def write_pictures(pipe, folder: str, eta: float, steps: int, seed: int, guidance_scale: float = 1.0,
+                   guidance_interval=None) -> None:
     """samples.png (16 images; classes 0..9 cycling for a class-conditional model) and denoising.gif."""
     classes = pipe.unet.config.num_class_embeds
     recorder = DenoisingRecorder(every=max(1, steps // 25), cols=8)
     images = pipe(batch_size=16, generator=[torch.Generator().manual_seed(seed + i) for i in range(16)],
                   num_inference_steps=steps, eta=eta, class_labels=cycling_class_labels(range(16), classes),
+                  guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                   callback_on_step_end=recorder, callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"]).images
     grid(images, cols=8).save(os.path.join(folder, "samples.png"))
     recorder.save_gif(os.path.join(folder, "denoising.gif"), min_side=112)  # 4x: small enough to commit
@@ -53,12 +59,14 @@ def main(argv=None):
     parser.add_argument("--evaluation", nargs="*", default=[], help="JSON files written by training.evaluate, for the model card")
     parser.add_argument("--eta", type=float, default=0.0, help="the sampler of the pictures and of the card's example")
     parser.add_argument("--steps", type=int, default=50)
+    add_guidance_arguments(parser)  # like --eta and --steps: the pictures' sampling and the card's example
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trained-on", default=None, help="hardware and history, recorded in training_config.json")
     parser.add_argument("--card-notes", default=None,
                         help="a Markdown file appended to the model card (kept outside the target, which is replaced)")
     parser.add_argument("--repo-id", default=None, help="the name the card uses (default: the target folder's name)")
     args = parser.parse_args(argv)
+    check_guidance_arguments(parser, args)
     notes = None
     if args.card_notes:
         if not os.path.isfile(args.card_notes):
@@ -67,11 +75,14 @@ def main(argv=None):
             notes = f.read()
 
     pipe = DDPMCustomPipeline.from_pretrained(args.source)  # the EMA weights, in float32
+    if args.guidance_scale != 1.0 and pipe.unet.config.num_class_embeds is None:
+        parser.error(f"--guidance-scale {args.guidance_scale:g}: {args.source} is not class-conditional, so there is "
+                     "nothing to guide towards; leave the guidance options out.")
     pipe.set_progress_bar_config(disable=True)
     staging = os.path.abspath(args.target).rstrip("/") + ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    write_pictures(pipe, staging, args.eta, args.steps, args.seed)
+    write_pictures(pipe, staging, args.eta, args.steps, args.seed, args.guidance_scale, args.guidance_interval)
     pipe.to(torch.float16).save_pretrained(staging)  # fp16 halves the size; loading upcasts to float32
     with open(os.path.join(args.source, "training_config.json")) as f:
         config = json.load(f)
@@ -89,7 +100,8 @@ def main(argv=None):
             json.dump(evaluations, f, indent=2)
     dataset = config.get("dataset_name") or data.FASHION_MNIST_HUB
     export.write_model_card(staging, args.repo_id or os.path.basename(os.path.normpath(args.target)), config, dataset,
-                            metrics=metrics or None, eta=args.eta, notes=notes)
+                            metrics=metrics or None, eta=args.eta, notes=notes, steps=args.steps,
+                            guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval)
     shutil.rmtree(args.target, ignore_errors=True)
     os.replace(staging, args.target)
     print(f"bundled {args.source} into {args.target}")

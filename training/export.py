@@ -3,7 +3,7 @@ sample grid, training configuration), and its upload to the Hub."""
 
 import json
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
@@ -29,10 +29,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-images = pipe(batch_size=16, num_inference_steps=50, eta={{ eta }},{{ labels_argument }} generator=torch.Generator().manual_seed(0)).images
+images = pipe(batch_size=16, num_inference_steps={{ steps }}, eta={{ eta }},{{ labels_argument }}{{ guidance_argument }} generator=torch.Generator().manual_seed(0)).images
 ```
 
-`eta=1` is DDPM ancestral sampling, `eta=0` deterministic DDIM.{{ labels_sentence }}
+`eta=1` is DDPM ancestral sampling, `eta=0` deterministic DDIM.{{ labels_sentence }}{{ guidance_sentence }}
 
 With `pip install pipeline-ddpm-custom`, `pipeline_ddpm_custom.DDPMCustomPipeline.from_pretrained("{{ repo_id }}")`
 loads it without remote code.
@@ -46,17 +46,43 @@ loads it without remote code.
 """
 
 
+def guidance_argument(guidance_scale: float, guidance_interval: Optional[Sequence[int]]) -> str:
+    """The usage example's guidance keywords (none without guidance)."""
+    if guidance_scale == 1.0:
+        return ""
+    interval = f" guidance_interval=({guidance_interval[0]}, {guidance_interval[1]})," if guidance_interval else ""
+    return f" guidance_scale={guidance_scale:g},{interval}"
+
+
+def guidance_description(guidance_scale: float, guidance_interval: Optional[Sequence[int]]) -> str:
+    """Guidance in words, for the card's prose and its metrics rows."""
+    where = f"only at t = {guidance_interval[0]}-{guidance_interval[1]}" if guidance_interval else "at every step"
+    return f"classifier-free guidance {guidance_scale:g} {where}"
+
+
+def guidance_sentence(guidance_scale: float, guidance_interval: Optional[Sequence[int]]) -> str:
+    if guidance_scale == 1.0:
+        return ""
+    why = (": `guidance_interval` keeps it to the steps whose timestep lies in it, the class's own prediction alone "
+           "elsewhere (Kynkäänniemi et al. 2024)") if guidance_interval else ""
+    return f" The example adds {guidance_description(guidance_scale, guidance_interval)}{why}."
+
+
 def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
                      license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 1.0,
-                     notes: Optional[str] = None) -> str:
+                     notes: Optional[str] = None, steps: int = 50, guidance_scale: float = 1.0,
+                     guidance_interval: Optional[Sequence[int]] = None) -> str:
     """README.md with the Hub metadata (library, pipeline tag, license, dataset, tags), the training
     configuration, the sample grid (and denoising GIF when the folder has one) and any metrics.
 
     ``dataset``: a Hub dataset id goes into the metadata; a local path is only named in the text.
-    ``eta``: the sampler the usage example recommends.
+    ``eta``, ``steps``, ``guidance_scale``, ``guidance_interval``: the sampling the usage example recommends
+    (guidance only for a class-conditional model: it needs the class labels the example passes).
     ``notes``: Markdown appended after the metrics (measurements the evaluation files do not carry, history)."""
     hub_dataset = dataset if dataset and not os.path.exists(dataset) else None
     num_classes = config.get("num_classes")
+    if guidance_scale != 1.0 and not num_classes:
+        raise ValueError(f"guidance_scale={guidance_scale:g} needs a class-conditional model; this one has no classes.")
     data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="unconditional-image-generation",
@@ -79,6 +105,9 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
         if os.path.exists(os.path.join(folder, "unet", "diffusion_pytorch_model.non_ema.safetensors")) else "",
         gif_line="\n\n![denoising](denoising.gif)" if os.path.exists(os.path.join(folder, "denoising.gif")) else "",
         eta=f"{eta:g}",
+        steps=steps,
+        guidance_argument=guidance_argument(guidance_scale, guidance_interval),
+        guidance_sentence=guidance_sentence(guidance_scale, guidance_interval),
         labels_argument=f" class_labels=[i % {num_classes} for i in range(16)]," if num_classes else "",
         labels_sentence=(f" Class-conditional: `class_labels` takes one label in 0..{num_classes - 1} or one per image; "
                          "without labels it samples the null class, the unconditional model classifier-free guidance "
