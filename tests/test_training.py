@@ -155,6 +155,8 @@ def test_image_folder_rgb_with_the_shipped_cpu_config(tmp_path):
     assert (out / "unet" / "diffusion_pytorch_model.non_ema.safetensors").is_file()
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    steps = json.loads((out / "training_config.json").read_text())["validation_inference_steps"]
+    assert f"num_inference_steps={steps}, eta=0," in card  # the example samples as the grid was drawn: DDIM
 
 
 def logged_scalars(output_dir, tag):

@@ -69,7 +69,7 @@ def guidance_sentence(guidance_scale: float, guidance_interval: Optional[Sequenc
 
 
 def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
-                     license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 1.0,
+                     license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 0.0,
                      notes: Optional[str] = None, steps: int = 50, guidance_scale: float = 1.0,
                      guidance_interval: Optional[Sequence[int]] = None) -> str:
     """README.md with the Hub metadata (library, pipeline tag, license, dataset, tags), the training

@@ -440,7 +440,10 @@ def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record
         json.dump(config_record, f, indent=2, sort_keys=True, default=str)
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     dataset = args.dataset_name or (None if args.train_data_dir else data.FASHION_MNIST_HUB)
-    export.write_model_card(args.output_dir, repo_id, config_record, dataset, license=args.license)
+    # the card's example samples as the grid beside it was drawn (sample_validation_grid: DDIM); at 50 steps
+    # ancestral sampling (eta 1) is far worse
+    export.write_model_card(args.output_dir, repo_id, config_record, dataset, license=args.license, eta=0.0,
+                            steps=args.validation_inference_steps)
 
 
 def prepare_dataset(args, accelerator, global_batch: int):
