@@ -61,6 +61,7 @@ def guidance_description(guidance_scale: float, guidance_interval: Optional[Sequ
 
 
 def guidance_sentence(guidance_scale: float, guidance_interval: Optional[Sequence[int]]) -> str:
+    """The sentence under the usage example that says what its guidance keywords do (none without guidance)."""
     if guidance_scale == 1.0:
         return ""
     why = (": `guidance_interval` keeps it to the steps whose timestep lies in it, the class's own prediction alone "
