@@ -14,6 +14,7 @@ import os
 import shutil
 
 import torch
+from huggingface_hub import EvalResult
 
 from pipeline_ddpm_custom import DDPMCustomPipeline
 from pipeline_ddpm_custom.labels import cycling_class_labels
@@ -37,6 +38,25 @@ def card_metrics(evaluation: dict) -> dict:
         rows[f"FID {run['sampler']}, {run['steps']} steps{guided} ({where})"] = (
             f"{run['fid']:.2f} (class shares {min(shares):.1%}..{max(shares):.1%})")
     return rows
+
+
+def card_eval_results(evaluation: dict) -> list:
+    """The same FIDs as structured model-index entries (the Hub shows them as the model's evaluation results), each
+    named with its sampler, guidance, extractor, sample count and the floor it should be read against."""
+    setup = evaluation["setup"]
+    split = setup["reference"].split(" ")[1]  # evaluate writes "fashion-mnist SPLIT (N images)"
+    guidance = setup.get("guidance_scale", 1.0)
+    guided = f", {export.guidance_description(guidance, setup.get('guidance_interval'))}" if guidance != 1.0 else ""
+    floor = ""
+    if "floor" in evaluation:
+        balanced = "class-balanced " if evaluation["floor"].get("draw") == "class-balanced" else ""
+        floor = f"; {balanced}real-vs-real floor {evaluation['floor']['fid']:.2f}"
+    return [EvalResult(task_type="unconditional-image-generation", task_name="Image generation",
+                       dataset_type=data.FASHION_MNIST_HUB, dataset_name="Fashion-MNIST", dataset_split=split,
+                       metric_type="fid", metric_value=round(run["fid"], 2),
+                       metric_name=f"FID, {run['sampler']} {run['steps']} steps{guided} ({setup['extractor']} features, "
+                                   f"{setup['num_samples']} samples{floor})")
+            for run in evaluation["runs"]]
 
 
 def write_pictures(pipe, folder: str, eta: float, steps: int, seed: int, guidance_scale: float = 1.0,
@@ -90,17 +110,19 @@ def main(argv=None):
         config["trained_on"] = args.trained_on
     with open(os.path.join(staging, "training_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    metrics, evaluations = {}, []
+    metrics, eval_results, evaluations = {}, [], []
     for path in args.evaluation:
         with open(path) as f:
             evaluations.append(json.load(f))
         metrics.update(card_metrics(evaluations[-1]))
+        eval_results += card_eval_results(evaluations[-1])
     if evaluations:
         with open(os.path.join(staging, "metrics.json"), "w") as f:
             json.dump(evaluations, f, indent=2)
     dataset = config.get("dataset_name") or data.FASHION_MNIST_HUB
     export.write_model_card(staging, args.repo_id or os.path.basename(os.path.normpath(args.target)), config, dataset,
-                            metrics=metrics or None, eta=args.eta, notes=notes, steps=args.steps,
+                            metrics=metrics or None, eval_results=eval_results or None, eta=args.eta, notes=notes,
+                            steps=args.steps,
                             guidance_scale=args.guidance_scale, guidance_interval=args.guidance_interval)
     shutil.rmtree(args.target, ignore_errors=True)
     os.replace(staging, args.target)

@@ -5,7 +5,7 @@ import json
 import os
 from typing import List, Optional, Sequence
 
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 # what belongs on the Hub; checkpoints/ and logs/ stay local
 EXPORTED_PATTERNS = ["model_index.json", "*.py", "unet/*", "scheduler/*", "README.md", "samples.png", "denoising.gif",
@@ -70,6 +70,7 @@ def guidance_sentence(guidance_scale: float, guidance_interval: Optional[Sequenc
 
 
 def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
+                     eval_results: Optional[List[EvalResult]] = None,
                      license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 0.0,
                      notes: Optional[str] = None, steps: int = 50, guidance_scale: float = 1.0,
                      guidance_interval: Optional[Sequence[int]] = None) -> str:
@@ -79,6 +80,7 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
     ``dataset``: a Hub dataset id goes into the metadata; a local path is only named in the text.
     ``eta``, ``steps``, ``guidance_scale``, ``guidance_interval``: the sampling the usage example recommends
     (guidance only for a class-conditional model: it needs the class labels the example passes).
+    ``eval_results``: the metrics again as model-index entries in the metadata, which the Hub shows on the model's page.
     ``notes``: Markdown appended after the metrics (measurements the evaluation files do not carry, history)."""
     hub_dataset = dataset if dataset and not os.path.exists(dataset) else None
     num_classes = config.get("num_classes")
@@ -91,6 +93,8 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
         datasets=[hub_dataset] if hub_dataset else None,
         tags=["diffusers", "ddpm", "pipeline-ddpm-custom", "unconditional-image-generation"]
         + (["class-conditional"] if num_classes else []) + list(tags or []),
+        model_name=repo_id.split("/")[-1] if eval_results else None,  # model-index needs a name
+        eval_results=eval_results,
     )
     metrics_section = ""
     if metrics:
