@@ -23,19 +23,28 @@ from training import data, export
 from training.evaluate import add_guidance_arguments, check_guidance_arguments
 
 
+def guidance_words(setup: dict) -> str:
+    """", classifier-free guidance ..." for a guided evaluation, "" otherwise (files from before guidance was
+    recorded were unguided)."""
+    guidance = setup.get("guidance_scale", 1.0)
+    return f", {export.guidance_description(guidance, setup.get('guidance_interval'))}" if guidance != 1.0 else ""
+
+
+def floor_kind(evaluation: dict) -> str:
+    """A class-balanced train subset is another floor than a random one, and is named so."""
+    return "class-balanced " if evaluation["floor"].get("draw") == "class-balanced" else ""
+
+
 def card_metrics(evaluation: dict) -> dict:
     """The model card's table: one row per evaluated sampler and step count, with the floor beside it."""
     setup = evaluation["setup"]
     where = f"{setup['extractor']} features, {setup['num_samples']} samples vs {setup['reference']}"
-    guidance = setup.get("guidance_scale", 1.0)  # files from before guidance was recorded were unguided
-    guided = f", {export.guidance_description(guidance, setup.get('guidance_interval'))}" if guidance != 1.0 else ""
     rows = {}
-    if "floor" in evaluation:  # a class-balanced train subset is another floor than a random one: its own row
-        balanced = evaluation["floor"].get("draw") == "class-balanced"
-        rows[f"FID real vs real ({'class-balanced ' if balanced else ''}floor; {where})"] = f"{evaluation['floor']['fid']:.2f}"
+    if "floor" in evaluation:
+        rows[f"FID real vs real ({floor_kind(evaluation)}floor; {where})"] = f"{evaluation['floor']['fid']:.2f}"
     for run in evaluation["runs"]:
         shares = run["class_histogram"]
-        rows[f"FID {run['sampler']}, {run['steps']} steps{guided} ({where})"] = (
+        rows[f"FID {run['sampler']}, {run['steps']} steps{guidance_words(setup)} ({where})"] = (
             f"{run['fid']:.2f} (class shares {min(shares):.1%}..{max(shares):.1%})")
     return rows
 
@@ -45,17 +54,14 @@ def card_eval_results(evaluation: dict) -> list:
     named with its sampler, guidance, extractor, sample count and the floor it should be read against."""
     setup = evaluation["setup"]
     split = setup["reference"].split(" ")[1]  # evaluate writes "fashion-mnist SPLIT (N images)"
-    guidance = setup.get("guidance_scale", 1.0)
-    guided = f", {export.guidance_description(guidance, setup.get('guidance_interval'))}" if guidance != 1.0 else ""
     floor = ""
     if "floor" in evaluation:
-        balanced = "class-balanced " if evaluation["floor"].get("draw") == "class-balanced" else ""
-        floor = f"; {balanced}real-vs-real floor {evaluation['floor']['fid']:.2f}"
+        floor = f"; {floor_kind(evaluation)}real-vs-real floor {evaluation['floor']['fid']:.2f}"
     return [EvalResult(task_type="unconditional-image-generation", task_name="Image generation",
                        dataset_type=data.FASHION_MNIST_HUB, dataset_name="Fashion-MNIST", dataset_split=split,
                        metric_type="fid", metric_value=round(run["fid"], 2),
-                       metric_name=f"FID, {run['sampler']} {run['steps']} steps{guided} ({setup['extractor']} features, "
-                                   f"{setup['num_samples']} samples{floor})")
+                       metric_name=f"FID, {run['sampler']} {run['steps']} steps{guidance_words(setup)} "
+                                   f"({setup['extractor']} features, {setup['num_samples']} samples{floor})")
             for run in evaluation["runs"]]
 
 
