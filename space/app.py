@@ -72,6 +72,31 @@ def guidance_interval_from(guide_in_interval, guided_from, guided_to):
     return int(guided_from), int(guided_to)
 
 
+def generate_examples(conditional, num_train_timesteps):
+    """The Generate tab's examples as (label, row) pairs, a row holding num_images, sampler, steps, eta and seed, and
+    for a class-conditional model also class, guidance scale, interval box ticked, from t and to t: an example sets the
+    guidance too, so that it draws what its label says whatever the visitor changed before. The first is the setting
+    that measured best for the bundled model (README, "Samplers at 50 steps"), the second the same unguided, the rest
+    each sampler as it was measured, unguided. Steps are capped at the model's timesteps."""
+    samplers = []
+    for name, num_images, sampler, steps, eta, seed in [("DDIM", 16, "DDIM (deterministic)", 50, 0.0, 0),
+                                                        ("DDIM", 16, "DDIM (deterministic)", 10, 0.0, 1),
+                                                        ("DDPM ancestral", 4, "DDPM (ancestral)", 250, 1.0, 2),
+                                                        ("DPM-Solver++", 16, "DPM-Solver++ (multistep)", 10, 0.0, 1),
+                                                        ("SDE-DPM-Solver++", 16, "SDE-DPM-Solver++ (multistep)", 50, 0.0, 0)]:
+        steps = min(steps, num_train_timesteps, inference.MAX_STEPS)
+        samplers.append((f"{name}, {steps} steps", [num_images, sampler, steps, eta, seed]))
+    if not conditional:
+        return samplers
+    low, high = inference.best_guidance_interval(num_train_timesteps)
+    scale = inference.BEST_GUIDANCE_SCALE
+    # labels stay under 60 characters, beyond which Gradio cuts them short
+    best = (f"{samplers[0][0]}, guidance {scale} at t = {low}-{high}",
+            samplers[0][1] + [EVERY_CLASS, scale, True, low, high])
+    unguided = [(f"{label}, no guidance", row + [EVERY_CLASS, 1.0, False, low, high]) for label, row in samplers]
+    return [best, *unguided]
+
+
 def _gr_error(fn):
     """Turn the library's RequestError / ValueError into a gr.Error the visitor can act on."""
     if inspect.isgeneratorfunction(fn):
@@ -172,12 +197,14 @@ def build_demo(pipe) -> gr.Blocks:
             button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance,
                                     guide_in_interval, guided_from, guided_to],
                          [preview, gallery, gif, seed], api_name="generate")
-            gr.Examples(
-                [[16, "DDIM (deterministic)", 50, 0.0, 0], [16, "DDIM (deterministic)", 10, 0.0, 1],
-                 [4, "DDPM (ancestral)", 250, 1.0, 2], [16, "DPM-Solver++ (multistep)", 10, 0.0, 1],
-                 [16, "SDE-DPM-Solver++ (multistep)", 50, 0.0, 0]],
-                [num_images, sampler, steps, eta, seed], label="Examples (fill the settings; press Generate)",
-            )
+            examples = generate_examples(conditional, T)
+            example_inputs = [num_images, sampler, steps, eta, seed]
+            if conditional:
+                example_inputs += [class_label, guidance, guide_in_interval, guided_from, guided_to]
+            gr.Examples([row for _, row in examples], example_inputs, example_labels=[label for label, _ in examples],
+                        label="Examples (fill the settings; press Generate)" + (
+                            ": the first measured best for the bundled model" if conditional else ""),
+                        elem_id="generate_examples")
         with gr.Tab("Forward process"):
             gr.Markdown("q(x_t | x_0): the image at noise level t. The signal-to-noise ratio is abar_t / (1 - abar_t).")
             with gr.Row():
