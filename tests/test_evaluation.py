@@ -394,11 +394,11 @@ def test_bundle_model_draws_and_documents_the_guidance_it_is_given(tmp_path):
     pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
     pipe.save_pretrained(source)
     (source / "training_config.json").write_text(json.dumps({"num_classes": 3, "dataset_name": None}))
-    guided_run = {"setup": {"extractor": "offline", "num_samples": 40, "reference": "fashion-mnist test (40 images)",
+    guided_run = {"setup": {"extractor": "inception", "num_samples": 40, "reference": "fashion-mnist test (40 images)",
                             "guidance_scale": 2.0,
                             "guidance_interval": [5, 15]}, "floor": {"fid": 1.25, "draw": "class-balanced"},
                   "runs": [{"sampler": "DDIM", "steps": 5, "fid": 7.75, "class_histogram": [0.3, 0.3, 0.4]}]}
-    unguided_run = {"setup": {**guided_run["setup"], "guidance_scale": 1.0}, "floor": {"fid": 1.5},
+    unguided_run = {"setup": {**guided_run["setup"], "guidance_scale": 1.0, "extractor": "offline"}, "floor": {"fid": 1.5},
                     "runs": [{"sampler": "DDIM", "steps": 5, "fid": 9.5, "class_histogram": [0.3, 0.3, 0.4]}]}
     del unguided_run["setup"]["guidance_interval"]
     (tmp_path / "guided.json").write_text(json.dumps(guided_run))
@@ -418,19 +418,20 @@ def test_bundle_model_draws_and_documents_the_guidance_it_is_given(tmp_path):
     card = (target / "README.md").read_text()
     rows = dict(line.strip("| ").split(" | ") for line in card.split("## Metrics")[1].splitlines() if line.startswith("| FID"))
     where = "offline features, 40 samples vs fashion-mnist test (40 images)"
+    inception = where.replace("offline", "inception")
     assert rows == {f"FID real vs real (floor; {where})": "1.50",
                     f"FID DDIM, 5 steps ({where})": "9.50 (class shares 30.0%..40.0%)",
-                    f"FID real vs real (class-balanced floor; {where})": "1.25",
-                    f"FID DDIM, 5 steps, classifier-free guidance 2 only at t = 5-15 ({where})":
+                    f"FID real vs real (class-balanced floor; {inception})": "1.25",
+                    f"FID DDIM, 5 steps, classifier-free guidance 2 only at t = 5-15 ({inception})":
                         "7.75 (class shares 30.0%..40.0%)"}
     from huggingface_hub import ModelCard  # the same numbers as model-index metadata, read back by the Hub's parser
 
     indexed = {r.metric_name: (r.metric_type, r.metric_value, r.dataset_type, r.dataset_split)
                for r in ModelCard.load(target / "README.md").data.eval_results}
-    assert indexed == {
+    assert indexed == {  # typed by extractor: only Inception FIDs are "fid", the scale leaderboards compare
         "FID, DDIM 5 steps (offline features, 40 samples; real-vs-real floor 1.50)":
-            ("fid", 9.5, "zalando-datasets/fashion_mnist", "test"),
-        "FID, DDIM 5 steps, classifier-free guidance 2 only at t = 5-15 (offline features, 40 samples; class-balanced "
+            ("fid-offline", 9.5, "zalando-datasets/fashion_mnist", "test"),
+        "FID, DDIM 5 steps, classifier-free guidance 2 only at t = 5-15 (inception features, 40 samples; class-balanced "
         "real-vs-real floor 1.25)": ("fid", 7.75, "zalando-datasets/fashion_mnist", "test")}
     example = card.split("```python\n")[1].split("```")[0]
     assert "guidance_scale=2, guidance_interval=(5, 15)," in example

@@ -49,9 +49,15 @@ def card_metrics(evaluation: dict) -> dict:
     return rows
 
 
+# model-index metric types: "fid" is the standard Inception FID that leaderboards compare across models; the
+# offline extractor's FIDs (a Fashion-MNIST classifier's features) are another scale and get their own type
+METRIC_TYPES = {"inception": "fid", "offline": "fid-offline"}
+
+
 def card_eval_results(evaluation: dict) -> list:
     """The same FIDs as structured model-index entries (the Hub shows them as the model's evaluation results), each
-    named with its sampler, guidance, extractor, sample count and the floor it should be read against."""
+    named with its sampler, guidance, extractor, sample count and the floor it should be read against, and typed by
+    its extractor (METRIC_TYPES)."""
     setup = evaluation["setup"]
     split = setup["reference"].split(" ")[1]  # evaluate writes "fashion-mnist SPLIT (N images)"
     floor = ""
@@ -59,7 +65,7 @@ def card_eval_results(evaluation: dict) -> list:
         floor = f"; {floor_kind(evaluation)}real-vs-real floor {evaluation['floor']['fid']:.2f}"
     return [EvalResult(task_type="unconditional-image-generation", task_name="Image generation",
                        dataset_type=data.FASHION_MNIST_HUB, dataset_name="Fashion-MNIST", dataset_split=split,
-                       metric_type="fid", metric_value=round(run["fid"], 2),
+                       metric_type=METRIC_TYPES[setup["extractor"]], metric_value=round(run["fid"], 2),
                        metric_name=f"FID, {run['sampler']} {run['steps']} steps{guidance_words(setup)} "
                                    f"({setup['extractor']} features, {setup['num_samples']} samples{floor})")
             for run in evaluation["runs"]]
