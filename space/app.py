@@ -72,20 +72,25 @@ def guidance_interval_from(guide_in_interval, guided_from, guided_to):
     return int(guided_from), int(guided_to)
 
 
+# the Generate tab's examples: (label, images, sampler, steps, eta, seed), each sampler as README measured it
+EXAMPLE_SAMPLERS = [("DDIM", 16, "DDIM (deterministic)", 50, 0.0, 0),
+                    ("DDIM", 16, "DDIM (deterministic)", 10, 0.0, 1),
+                    ("DDPM ancestral", 4, "DDPM (ancestral)", 250, 1.0, 2),
+                    ("DPM-Solver++", 16, "DPM-Solver++ (multistep)", 10, 0.0, 1),
+                    ("SDE-DPM-Solver++", 16, "SDE-DPM-Solver++ (multistep)", 50, 0.0, 0)]
+
+
 def generate_examples(conditional, num_train_timesteps):
-    """The Generate tab's examples as (label, row) pairs, a row holding num_images, sampler, steps, eta and seed, and
-    for a class-conditional model also class, guidance scale, interval box ticked, from t and to t: an example sets the
-    guidance too, so that it draws what its label says whatever the visitor changed before. The first is the setting
+    """The Generate tab's examples as (label, row) pairs, a row holding num_images, sampler, steps, eta, seed and
+    randomize seed (off), and for a class-conditional model also class, guidance scale, interval box ticked, from t and
+    to t: an example sets the seed and the guidance too, so that it draws what its label says whatever the visitor
+    changed before. The first is the setting
     that measured best for the bundled model (README, "Samplers at 50 steps"), the second the same unguided, the rest
     each sampler as it was measured, unguided. Steps are capped at the model's timesteps."""
     samplers = []
-    for name, num_images, sampler, steps, eta, seed in [("DDIM", 16, "DDIM (deterministic)", 50, 0.0, 0),
-                                                        ("DDIM", 16, "DDIM (deterministic)", 10, 0.0, 1),
-                                                        ("DDPM ancestral", 4, "DDPM (ancestral)", 250, 1.0, 2),
-                                                        ("DPM-Solver++", 16, "DPM-Solver++ (multistep)", 10, 0.0, 1),
-                                                        ("SDE-DPM-Solver++", 16, "SDE-DPM-Solver++ (multistep)", 50, 0.0, 0)]:
+    for name, num_images, sampler, steps, eta, seed in EXAMPLE_SAMPLERS:
         steps = min(steps, num_train_timesteps, inference.MAX_STEPS)
-        samplers.append((f"{name}, {steps} steps", [num_images, sampler, steps, eta, seed]))
+        samplers.append((f"{name}, {steps} steps", [num_images, sampler, steps, eta, seed, False]))
     if not conditional:
         return samplers
     low, high = inference.best_guidance_interval(num_train_timesteps)
@@ -198,7 +203,7 @@ def build_demo(pipe) -> gr.Blocks:
                                     guide_in_interval, guided_from, guided_to],
                          [preview, gallery, gif, seed], api_name="generate")
             examples = generate_examples(conditional, T)
-            example_inputs = [num_images, sampler, steps, eta, seed]
+            example_inputs = [num_images, sampler, steps, eta, seed, randomize]
             if conditional:
                 example_inputs += [class_label, guidance, guide_in_interval, guided_from, guided_to]
             gr.Examples([row for _, row in examples], example_inputs, example_labels=[label for label, _ in examples],

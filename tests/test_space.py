@@ -366,8 +366,8 @@ def test_browser_guidance_interval_set_in_the_page_gives_the_pipelines_images(co
 
 
 def test_browser_examples_set_the_guidance_they_name(conditional_model, conditional_app_url, browser):
-    """An example sets the class and the guidance too, so it draws what its label says whatever the visitor changed
-    before: the first, the measured best (DDIM-50 guided at 1.2 only in the interval), gives the pipeline's images
+    """An example sets the seed, the class and the guidance too, so it draws what its label says whatever the visitor
+    changed before: the first, the measured best (DDIM-50 guided at 1.2 only in the interval), gives the pipeline's images
     with that guidance; the unguided ones set the scale to 1. Every example passes the demo's request checks."""
     import io
 
@@ -376,8 +376,9 @@ def test_browser_examples_set_the_guidance_they_name(conditional_model, conditio
     app = load_app()
     pipe = app.inference.load_pipeline(str(conditional_model))
     examples = app.generate_examples(True, 50)
-    assert [len(row) for _, row in app.generate_examples(False, 50)] == [5] * 5  # no class inputs without classes
-    for _, (num_images, sampler, steps, eta, seed, class_label, scale, in_interval, low, high) in examples:
+    assert [len(row) for _, row in app.generate_examples(False, 50)] == [6] * 5  # no class inputs without classes
+    for _, (num_images, sampler, steps, eta, seed, randomize, class_label, scale, in_interval, low, high) in examples:
+        assert not randomize
         label, null = app.class_from_choice(class_label)
         app.inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
                                       class_label=label, null_class=null, guidance_scale=scale,
@@ -391,12 +392,14 @@ def test_browser_examples_set_the_guidance_they_name(conditional_model, conditio
     page.locator("#guide_in_interval input").uncheck()
     page.locator("#steps input[type=number]").fill("7")
     page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#randomize input").check()
     best_label, best = examples[0]
     page.get_by_text(best_label, exact=True).click()
     page.wait_for_function("document.querySelector('#guidance input[type=number]').value === '1.2'", timeout=30_000)
     assert page.locator("#guide_in_interval input").is_checked()
     assert [page.locator(f"#{box} input").input_value() for box in ("guided_from", "guided_to")] == ["4", "29"]
     assert page.locator("#steps input[type=number]").input_value() == "50"
+    assert not page.locator("#randomize input").is_checked()
     page.locator("#generate").click()
     page.wait_for_function(f"document.querySelectorAll('#gallery img').length >= {best[0]}", timeout=120_000)
     page.wait_for_function("document.querySelectorAll('.progress-text').length === 0", timeout=120_000)
@@ -404,7 +407,7 @@ def test_browser_examples_set_the_guidance_they_name(conditional_model, conditio
              for img in page.locator("#gallery img").all()]
     page.screenshot(path=str(ARTIFACTS / "space-example-best.png"), full_page=True)
 
-    unguided_label = next(label for label, row in examples if row[1:3] == best[1:3] and row[6] == 1.0)
+    unguided_label = next(label for label, row in examples if row[1:3] == best[1:3] and row[7] == 1.0)
     page.get_by_text(unguided_label, exact=True).click()
     page.wait_for_function("document.querySelector('#guidance input[type=number]').value === '1'", timeout=30_000)
     assert not page.locator("#guide_in_interval input").is_checked()
