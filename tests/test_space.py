@@ -393,6 +393,9 @@ def test_browser_examples_set_the_guidance_they_name(conditional_model, conditio
     page.locator("#steps input[type=number]").fill("7")
     page.locator("#steps input[type=number]").press("Enter")
     page.locator("#randomize input").check()
+    page.wait_for_selector("#generate_examples button", timeout=30_000)
+    for label, _ in examples:  # each label shown whole (Gradio cuts long ones short with "...")
+        assert page.get_by_text(label, exact=True).count() == 1, label
     best_label, best = examples[0]
     page.get_by_text(best_label, exact=True).click()
     page.wait_for_function("document.querySelector('#guidance input[type=number]').value === '1.2'", timeout=30_000)
