@@ -72,6 +72,16 @@ def guidance_interval_from(guide_in_interval, guided_from, guided_to):
     return int(guided_from), int(guided_to)
 
 
+def generate_request(num_images, sampler, steps, eta, seed, class_label, guidance_scale, guide_in_interval, guided_from,
+                     guided_to) -> inference.GenerateRequest:
+    """The request the Generate tab's form values make (the class dropdown's value and the interval's three boxes
+    turned into the pipeline's terms)."""
+    label, null = class_from_choice(class_label)
+    return inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                                     class_label=label, null_class=null, guidance_scale=guidance_scale,
+                                     guidance_interval=guidance_interval_from(guide_in_interval, guided_from, guided_to))
+
+
 # the Generate tab's examples: (label, images, sampler, steps, eta, seed), each sampler as README measured it
 EXAMPLE_SAMPLERS = [("DDIM", 16, "DDIM (deterministic)", 50, 0.0, 0),
                     ("DDIM", 16, "DDIM (deterministic)", 10, 0.0, 1),
@@ -84,9 +94,9 @@ def generate_examples(conditional, num_train_timesteps):
     """The Generate tab's examples as (label, row) pairs, a row holding num_images, sampler, steps, eta, seed and
     randomize seed (off), and for a class-conditional model also class, guidance scale, interval box ticked, from t and
     to t: an example sets the seed and the guidance too, so that it draws what its label says whatever the visitor
-    changed before. The first is the setting
-    that measured best for the bundled model (README, "Samplers at 50 steps"), the second the same unguided, the rest
-    each sampler as it was measured, unguided. Steps are capped at the model's timesteps."""
+    changed before. The first is the setting that measured best for the bundled model (README, "Samplers at 50
+    steps"), the second the same unguided, the rest each sampler as it was measured, unguided. Steps are capped at the
+    model's timesteps."""
     samplers = []
     for name, num_images, sampler, steps, eta, seed in EXAMPLE_SAMPLERS:
         steps = min(steps, num_train_timesteps, inference.MAX_STEPS)
@@ -135,10 +145,8 @@ def build_demo(pipe) -> gr.Blocks:
         guide_in_interval: guidance only where guided_from <= t <= guided_to."""
         if randomize_seed:
             seed = random.randint(0, 2**31 - 1)
-        label, null = class_from_choice(class_label)
-        request = inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                            class_label=label, null_class=null, guidance_scale=guidance_scale,
-                                            guidance_interval=guidance_interval_from(guide_in_interval, guided_from, guided_to))
+        request = generate_request(num_images, sampler, steps, eta, seed, class_label, guidance_scale,
+                                   guide_in_interval, guided_from, guided_to)
         for update in inference.generate_stream(pipe, request):
             if "preview" in update:
                 progress((update["step"], update["total"]), desc="denoising")

@@ -377,12 +377,9 @@ def test_browser_examples_set_the_guidance_they_name(conditional_model, conditio
     pipe = app.inference.load_pipeline(str(conditional_model))
     examples = app.generate_examples(True, 50)
     assert [len(row) for _, row in app.generate_examples(False, 50)] == [6] * 5  # no class inputs without classes
-    for _, (num_images, sampler, steps, eta, seed, randomize, class_label, scale, in_interval, low, high) in examples:
+    for _, (*form, randomize, class_label, scale, in_interval, low, high) in examples:
         assert not randomize
-        label, null = app.class_from_choice(class_label)
-        app.inference.GenerateRequest(num_images=num_images, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                                      class_label=label, null_class=null, guidance_scale=scale,
-                                      guidance_interval=app.guidance_interval_from(in_interval, low, high)).check(pipe)
+        app.generate_request(*form, class_label, scale, in_interval, low, high).check(pipe)
 
     page = browser.new_page(viewport={"width": 1280, "height": 1600})
     page.goto(conditional_app_url)
