@@ -18,10 +18,13 @@ import diffusers
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
 # components whose classes come from these libraries are loaded from the library, not from copied code
 _LIBRARY_MODULES = ("diffusers", "transformers")
+# the model-loading options of DiffusionPipeline.from_pretrained that it hands to every model component as they are
+_MODEL_LOADING_KEYS = ("variant", "use_safetensors", "low_cpu_mem_usage", "disable_mmap")
 
 
 def guidance_bounds(guidance_interval) -> tuple:
@@ -230,6 +233,10 @@ class DDPMCustomPipeline(DiffusionPipeline):
         the classes. Diffusers trusts modules that are already imported; so do we: each component is
         built from the imported class of the same file stem and the copied code is never executed.
         ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` takes diffusers' own path.
+        Takes what diffusers' path takes for a pipeline of models on one device: the Hub's download options,
+        ``dtype`` (or ``torch_dtype``; one dtype or a dict by component), ``variant``, ``use_safetensors``,
+        ``low_cpu_mem_usage``, ``disable_mmap`` and components to use instead of the saved ones; anything else is
+        refused by name, with where to find it.
         """
         if cls is DiffusionPipeline or kwargs.get("trust_remote_code"):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -241,7 +248,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
 
             folder = snapshot_download(folder, **hub_kwargs)
         index = cls.load_config(folder)
-        torch_dtype, variant = kwargs.pop("torch_dtype", None), kwargs.pop("variant", None)
+        dtype = _requested_dtype(kwargs)
+        model_kwargs = {k: kwargs.pop(k) for k in _MODEL_LOADING_KEYS if k in kwargs}
         expected, _ = cls._get_signature_keys(cls)
         components = {}
         for name in expected:
@@ -253,9 +261,17 @@ class DDPMCustomPipeline(DiffusionPipeline):
             if issubclass(component_cls, SchedulerMixin):
                 components[name] = component_cls.from_pretrained(folder, subfolder=name)
             else:
-                components[name] = component_cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, variant=variant)
+                components[name] = component_cls.from_pretrained(
+                    folder, subfolder=name, dtype=_component_dtype(dtype, name), **model_kwargs
+                )
         if kwargs:
-            raise TypeError(f"Unexpected arguments for {cls.__name__}.from_pretrained: {sorted(kwargs)}.")
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained does not take {sorted(kwargs)}. It takes the Hub's download options "
+                f"({', '.join(hub_keys)}), dtype (or its older name torch_dtype), {', '.join(_MODEL_LOADING_KEYS)} and "
+                "components to use instead of the saved ones (unet=..., scheduler=...). To place the pipeline on a "
+                "device, call pipe.to(device) after loading; for the rest of diffusers' loading options (device_map, "
+                "quantization_config, ...) load with DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."
+            )
         pipe = cls(**components)
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe
@@ -284,6 +300,31 @@ class DDPMCustomPipeline(DiffusionPipeline):
         with open(index_path, "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+def _requested_dtype(kwargs: dict):
+    """Pop the dtype asked for, read as ``DiffusionPipeline.from_pretrained`` reads it: ``dtype``, or ``torch_dtype``,
+    the name diffusers 0.42 deprecates (with diffusers' warning); a torch.dtype, or a dict of them by component
+    name with "default" for the components it does not name."""
+    dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError("Pass dtype or torch_dtype, not both: torch_dtype is diffusers' deprecated name for dtype.")
+        # diffusers' own warning and removal version; stacklevel 4: the caller of from_pretrained
+        deprecate("torch_dtype", "1.0.0", "Please use `dtype` instead.", stacklevel=4)
+        dtype = torch_dtype
+    values = dtype.values() if isinstance(dtype, dict) else [] if dtype is None else [dtype]
+    if not all(isinstance(value, torch.dtype) for value in values):
+        raise ValueError(f"dtype must be a torch.dtype (e.g. torch.float16) or a dict of them by component name "
+                         f"(e.g. {{'unet': torch.float16}}, 'default' for the rest); got {dtype!r}.")
+    return dtype
+
+
+def _component_dtype(dtype, component: str):
+    """One component's dtype: diffusers' rule for a dict is its entry, else its "default", else float32."""
+    if isinstance(dtype, dict):
+        return dtype.get(component, dtype.get("default", torch.float32))
+    return dtype
 
 
 def _imported_class(library: str, class_name: str, component: str):

@@ -313,7 +313,7 @@ def test_bundled_model_carries_the_current_library_code():
         source = ROOT / "pipeline_ddpm_custom" / Path(copy).name
         assert (bundled / copy).read_text() == source.read_text(), (
             f"{copy} is stale: refresh with `python -c \"import torch; from pipeline_ddpm_custom import DDPMCustomPipeline as P; "
-            f"P.from_pretrained('{bundled.relative_to(ROOT)}', torch_dtype=torch.float16)"
+            f"P.from_pretrained('{bundled.relative_to(ROOT)}', dtype=torch.float16)"
             f".save_pretrained('{bundled.relative_to(ROOT)}')\"`"
         )
 

@@ -106,5 +106,55 @@ def test_fp16_variant_and_dtype(tmp_path):
     pipe = tiny_pipeline()
     pipe.to(torch.float16).save_pretrained(tmp_path / "v", variant="fp16")
     assert (tmp_path / "v" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    loaded = DDPMCustomPipeline.from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.float32)
+    loaded = DDPMCustomPipeline.from_pretrained(tmp_path / "v", variant="fp16", dtype=torch.float32)
     assert loaded.unet.dtype == torch.float32
+
+
+def diffusers_own_load(folder, **options):
+    """The reference: the same folder through diffusers' own loader (the saved remote code)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, **options)
+
+
+@pytest.mark.parametrize("options", [
+    "dtype=torch.float16",
+    "dtype={'unet': torch.bfloat16}",
+    "dtype={'scheduler': torch.float16}",  # a dict that does not name the unet: diffusers' float32
+    "dtype={'default': torch.float16}",
+    "use_safetensors=True, low_cpu_mem_usage=False",
+    "disable_mmap=True",
+])
+def test_path1_takes_diffusers_loading_options(saved, options):
+    """DDPMCustomPipeline.from_pretrained reads dtype (diffusers 0.42's name; torch_dtype is deprecated there) and the
+    model-loading options as diffusers' own loader does: same dtype, same weights."""
+    import torch
+
+    _, folder = saved
+    options = eval(f"dict({options})", {"torch": torch})
+    ours, reference = DDPMCustomPipeline.from_pretrained(folder, **options), diffusers_own_load(folder, **options)
+    assert ours.unet.dtype == reference.unet.dtype
+    for (name, ours_tensor), (_, reference_tensor) in zip(ours.unet.state_dict().items(), reference.unet.state_dict().items()):
+        assert ours_tensor.dtype == reference_tensor.dtype and torch.equal(ours_tensor, reference_tensor), name
+
+
+def test_path1_reads_torch_dtype_with_diffusers_deprecation(saved):
+    import torch
+
+    _, folder = saved
+    with pytest.warns(FutureWarning, match="torch_dtype"):
+        loaded = DDPMCustomPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+
+
+@pytest.mark.parametrize("options, error, words", [
+    ({"device_map": "balanced"}, TypeError, ["device_map", "pipe.to(device)", "trust_remote_code=True"]),
+    ({"dtype": "float16"}, ValueError, ["torch.dtype", "'float16'"]),
+    ({"dtype": "f16", "torch_dtype": "f16"}, ValueError, ["not both"]),
+])
+def test_path1_refuses_what_it_does_not_take_by_name(saved, options, error, words):
+    _, folder = saved
+    with pytest.raises(error) as raised:
+        DDPMCustomPipeline.from_pretrained(folder, **options)
+    for word in words:
+        assert word in str(raised.value)

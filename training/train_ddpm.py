@@ -238,7 +238,7 @@ def pretrained_unet_config(source: str) -> dict:
 def load_pretrained_unet(source: str, resolution: int, channels: int, num_classes) -> DDPMCustomUNet:
     """The UNet of a saved pipeline, in float32 whatever it was stored in (training needs fp32 master weights)."""
     pretrained_unet_config(source)  # a clear error for a wrong path before diffusers' longer one
-    unet = DDPMCustomUNet.from_pretrained(source, subfolder="unet", torch_dtype=torch.float32)
+    unet = DDPMCustomUNet.from_pretrained(source, subfolder="unet", dtype=torch.float32)
     config = unet.config
     if config.in_channels != channels or config.sample_size != resolution:
         raise ValueError(f"--pretrained_model {source} takes {config.in_channels}x{config.sample_size}x{config.sample_size} "
