@@ -78,6 +78,91 @@ def test_ddim_chain_matches_diffusers(spacing, steps, eta, prediction):
     torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+def chains_with_the_same_inputs(ours, reference, x0_target, prediction, eta=None, reference_kwargs=None):
+    """Step both schedulers through ``reference.timesteps`` from the same x_T, each with the same imperfect model (the
+    output that knows x0_target, scaled by 1.3 so that clipping and thresholding have work to do, plus an error
+    drawn anew at every step, so that the chain does not forget a wrong step) and the same noise stream; returns the
+    two final samples. Our tables are float64 and diffusers' float32, so over a chain that the
+    scaled oracle does not pull together they part by a few 1e-5: compare with CHAIN_TOLERANCE."""
+    gen = torch.Generator().manual_seed(0)
+    x = y = torch.randn(x0_target.shape, generator=gen)
+    g_ours, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    ours_kwargs = {} if eta is None else {"eta": eta}
+    for t in reference.timesteps:
+        error = 0.3 * torch.randn(x0_target.shape, generator=gen)
+        out_x = 1.3 * oracle_output(x, int(t), x0_target, prediction, ours.alphas_cumprod.float()) + error
+        out_y = 1.3 * oracle_output(y, int(t), x0_target, prediction, ours.alphas_cumprod.float()) + error
+        x = ours.step(out_x, t, x, generator=g_ours, **ours_kwargs).prev_sample
+        y = reference.step(out_y, t, y, generator=g_ref, **(reference_kwargs or {})).prev_sample
+    return x, y
+
+
+CHAIN_TOLERANCE = dict(atol=1e-4, rtol=1e-5)  # a wrong previous timestep or option parts them by 1e-2 or more
+X0_TARGET = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [7, 333])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_ddim_steps_to_the_chains_next_timestep_for_any_step_count(spacing, steps, prediction):
+    """DDIM (eta 0) goes from each timestep to the chain's next one, also when the step count does not divide T.
+    Reference: diffusers' first-order DPM-Solver++, which is DDIM, given the same timesteps. (DDIMScheduler itself
+    steps to t - T // n, which is not the next timestep of an uneven chain: trailing or linspace with such n.)"""
+    ours = DDPMCustomScheduler(timestep_spacing=spacing, prediction_type=prediction, clip_sample=False)
+    ours.set_timesteps(steps)
+    reference = DPMSolverMultistepScheduler(prediction_type=prediction, solver_order=1, algorithm_type="dpmsolver++",
+                                            final_sigmas_type="zero")
+    reference.set_timesteps(timesteps=ours.timesteps.tolist())
+    assert torch.equal(reference.timesteps.long(), ours.timesteps)
+    x, y = chains_with_the_same_inputs(ours, reference, X0_TARGET, prediction, eta=0.0)
+    torch.testing.assert_close(x, y, **CHAIN_TOLERANCE)
+
+
+@pytest.mark.parametrize("chain", [dict(steps=37, spacing="leading"), dict(steps=37, spacing="trailing"),
+                                   dict(steps=37, spacing="linspace"), dict(timesteps=[999, 800, 500, 200, 50, 10, 0])])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_respaced_ancestral_chain_matches_diffusers(chain, prediction):
+    """eta 1 on a shortened or hand-picked chain equals DDPMScheduler's respaced chain (same noise stream)."""
+    config = dict(prediction_type=prediction, timestep_spacing=chain.get("spacing", "leading"))
+    ours, reference = DDPMCustomScheduler(**config), DDPMScheduler(**config)
+    for scheduler in (ours, reference):
+        scheduler.set_timesteps(num_inference_steps=chain.get("steps"), timesteps=chain.get("timesteps"))
+    assert torch.equal(ours.timesteps, reference.timesteps)
+    x, y = chains_with_the_same_inputs(ours, reference, X0_TARGET, prediction)
+    torch.testing.assert_close(x, y, **CHAIN_TOLERANCE)
+
+
+CONFIG_OPTIONS = [
+    dict(thresholding=True, sample_max_value=1.5),
+    dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(steps_offset=1),
+]
+
+
+@pytest.mark.parametrize("config", CONFIG_OPTIONS)
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_chain_matches_diffusers_with_config_options(config, eta):
+    """Dynamic thresholding, zero terminal SNR and steps_offset in DDIM chains, against DDIMScheduler."""
+    ours, reference = DDPMCustomScheduler(**config), DDIMScheduler(**config)
+    ours.set_timesteps(50)
+    reference.set_timesteps(50)
+    assert torch.equal(ours.timesteps, reference.timesteps)
+    x, y = chains_with_the_same_inputs(ours, reference, X0_TARGET, config.get("prediction_type", "epsilon"), eta=eta,
+                                       reference_kwargs=dict(eta=eta, use_clipped_model_output=True))
+    torch.testing.assert_close(x, y, **CHAIN_TOLERANCE)
+
+
+@pytest.mark.parametrize("config", CONFIG_OPTIONS)
+def test_ddpm_chain_matches_diffusers_with_config_options(config):
+    """The same options in ancestral chains (a respaced one, where steps_offset matters), against DDPMScheduler."""
+    ours, reference = DDPMCustomScheduler(**config), DDPMScheduler(**config)
+    for scheduler in (ours, reference):
+        scheduler.set_timesteps(20)
+    assert torch.equal(ours.timesteps, reference.timesteps)
+    x, y = chains_with_the_same_inputs(ours, reference, X0_TARGET, config.get("prediction_type", "epsilon"))
+    torch.testing.assert_close(x, y, **CHAIN_TOLERANCE)
+
+
 def test_eta_one_on_full_chain_is_ddpm_and_eta_zero_is_deterministic():
     s = DDPMCustomScheduler(num_train_timesteps=50)
     x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
