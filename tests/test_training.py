@@ -183,6 +183,23 @@ def test_logged_loss_is_the_mean_over_its_logging_window(tmp_path):
     assert windowed[4] != pytest.approx(per_step[4], rel=1e-3)  # the steps differ enough to tell the two apart
 
 
+def test_report_to_none_logs_to_no_tracker_and_trains(tmp_path):
+    run_training(tmp_path / "quiet", "--max_train_steps", "2", "--report_to", "none")
+    run_training(tmp_path / "default", "--max_train_steps", "2")
+    assert not list((tmp_path / "quiet").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "default").rglob("events.out.tfevents.*"))  # tensorboard by default
+    assert (tmp_path / "quiet" / "model_index.json").is_file()
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """accelerate only warns for a tracker whose package is missing, and the run would log nothing."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "wandb" else find_spec(name, *rest))
+    assert train_main(["--output_dir", str(tmp_path), "--report_to", "wandb"]) == 2
+    assert "--report_to wandb needs the wandb package: pip install wandb" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_constant_ema_decay_from_the_first_step(tmp_path):
     """--ema_min_decay equal to --ema_max_decay turns the EMA warm-up off (fine-tuning keeps its starting weights);
     without it the decay warms up from 0, as diffusers' EMAModel does."""

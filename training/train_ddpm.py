@@ -13,6 +13,7 @@ weights, optimizer, EMA and data position to continue exactly as the uninterrupt
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -42,6 +43,10 @@ from training.window_log import WindowLog  # noqa: E402
 
 logger = get_logger("train_ddpm")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+# --report_to's trackers (accelerate's names) and the package each needs
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,6 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("progress, validation and checkpoints")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--report_to", default="tensorboard", choices=sorted(TRACKER_PACKAGES) + ["all", "none"],
+                   help="where losses, learning rate, EMA decay, FIDs and validation grids are logged (accelerate's "
+                        "trackers, under OUTPUT_DIR/logs); all: every tracker installed; none: the console and the "
+                        "PNG grids in logs/samples only")
     g.add_argument("--validation_steps", type=int, default=1000, help="0 disables validation grids")
     g.add_argument("--num_validation_images", type=int, default=16)
     g.add_argument("--validation_inference_steps", type=int, default=50, help="DDIM steps for validation grids")
@@ -196,6 +205,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"{args.ema_min_decay} and {args.ema_max_decay}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
+    package = TRACKER_PACKAGES.get(args.report_to)
+    if package and importlib.util.find_spec(package) is None:  # accelerate would only warn, and log nothing
+        raise ValueError(f"--report_to {args.report_to} needs the {package} package: pip install {package}, or pass "
+                         "--report_to tensorboard (installed with this package's train extra) or none.")
     if max(args.validation_inference_steps, args.eval_inference_steps) > args.num_train_timesteps:
         raise ValueError("--validation_inference_steps and --eval_inference_steps cannot exceed --num_train_timesteps.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -372,7 +385,7 @@ def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, 
 
 
 def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
-    """A grid of DDIM samples from the EMA weights, saved to logs/samples and TensorBoard on rank 0."""
+    """A grid of DDIM samples from the EMA weights, saved to logs/samples and to the trackers that take images (TensorBoard, W&B), on rank 0."""
     with ema_weights(accelerator, unet, ema) as model:
         images = sample_on_all_ranks(accelerator, model, noise_scheduler, args.num_validation_images,
                                      args.validation_inference_steps, 0.0, "pil")
@@ -387,6 +400,8 @@ def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
             import numpy as np
 
             tracker.writer.add_image("validation/samples", np.asarray(picture.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":  # its log_images takes PIL images; other trackers keep the PNG only
+            tracker.log_images({"validation/samples": [picture]}, step=step)
     return picture
 
 
@@ -488,7 +503,7 @@ def train(args) -> int:
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
