@@ -245,8 +245,13 @@ class DDPMCustomPipeline(DiffusionPipeline):
         folder = str(pretrained_model_name_or_path)
         if not os.path.isdir(folder):
             from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import HFValidationError
 
-            folder = snapshot_download(folder, **hub_kwargs)
+            try:
+                folder = snapshot_download(folder, **hub_kwargs)
+            except HFValidationError:  # its message speaks of repo ids only, where a folder was usually meant
+                raise OSError(f"{folder!r} is neither a folder here nor a Hub repo id (user/name): pass a folder saved "
+                              "with save_pretrained, or a repo id.") from None
         index = cls.load_config(folder)
         dtype = _requested_dtype(kwargs)
         model_kwargs = {k: kwargs.pop(k) for k in _MODEL_LOADING_KEYS if k in kwargs}

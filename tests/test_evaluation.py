@@ -285,6 +285,23 @@ def test_guidance_interval_evaluation_scores_the_pipelines_interval_guided_sampl
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [(["--steps", "50", "0"], "positive counts"), (["--batch-size", "0"], "positive counts"),
+                                           (["--eta", "0", "2"], "values in [0, 1]"), (["--guidance-scale", "0.5"], "must be >= 1")])
+def test_evaluate_refuses_out_of_range_options_before_loading_anything(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "no-such-model", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_evaluate_refuses_more_steps_than_the_model_has_before_reference_features(tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+
+    tiny_pipeline(num_train_timesteps=20).save_pretrained(tmp_path / "short")
+    monkeypatch.setattr(evaluate, "load_extractor", lambda *a: pytest.fail("reached the features"))
+    with pytest.raises(ValueError, match="trained with 20 timesteps, so --steps goes up to 20; got 25"):
+        evaluate.main(["--model", str(tmp_path / "short"), "--num-samples", "4", "--steps", "10", "25", "--device", "cpu"])
+
+
 def test_evaluate_batch_size_follows_the_device_unless_given():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_batch_size(cpu) < default_batch_size(cuda)  # two cores are fastest with small batches

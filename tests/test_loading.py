@@ -147,6 +147,11 @@ def test_path1_reads_torch_dtype_with_diffusers_deprecation(saved):
     assert loaded.unet.dtype == torch.float16
 
 
+def test_path1_says_when_a_path_is_neither_a_folder_nor_a_repo_id(tmp_path):
+    with pytest.raises(OSError, match="neither a folder here nor a Hub repo id"):
+        DDPMCustomPipeline.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
+
+
 @pytest.mark.parametrize("options, error, words", [
     ({"device_map": "balanced"}, TypeError, ["device_map", "pipe.to(device)", "trust_remote_code=True"]),
     ({"dtype": "float16"}, ValueError, ["torch.dtype", "'float16'"]),

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -363,6 +364,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num-samples must be at least 2 (FID needs a covariance).")
+    if min(args.steps) < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error(f"--steps and --batch-size take positive counts, got --steps {' '.join(map(str, args.steps))}"
+                     f"{'' if args.batch_size is None else f' and --batch-size {args.batch_size}'}.")
+    if args.eta and not all(0.0 <= eta <= 1.0 for eta in args.eta):
+        parser.error(f"--eta takes values in [0, 1] (0: DDIM, 1: DDPM ancestral), got {' '.join(map(str, args.eta))}.")
+    if args.guidance_scale < 1.0:
+        parser.error(f"--guidance-scale must be >= 1 (1: no guidance), got {args.guidance_scale}.")
     args.floor = args.floor or args.balanced_floor
     if args.unconditional and args.guidance_scale != 1.0:
         parser.error("--unconditional samples without labels, so there is nothing to guide towards: drop --guidance-scale.")
@@ -392,6 +400,10 @@ def main(argv=None):
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
     if args.unconditional and not pipe.unet.config.num_class_embeds:
         raise ValueError(f"{args.model} is an unconditional model, so every evaluation of it is: drop --unconditional.")
+    chain = pipe.scheduler.config.num_train_timesteps
+    if max(args.steps) > chain:
+        raise ValueError(f"{args.model} was trained with {chain} timesteps, so --steps goes up to {chain}; "
+                         f"got {max(args.steps)}.")
     pipe.set_progress_bar_config(disable=True)
     use_scheduler(pipe, args.scheduler, args.timestep_spacing)
     extractor = load_extractor(args.extractor, device)
@@ -502,4 +514,7 @@ def plot_curve(results: dict, path: str, compare=()):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # a model or option that does not fit: say what, as the CLI and training do
+        sys.exit(f"error: {error}")
