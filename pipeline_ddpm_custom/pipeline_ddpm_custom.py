@@ -161,14 +161,16 @@ class DDPMCustomPipeline(DiffusionPipeline):
         guidance_interval: (lowest, highest) timestep: guide only the steps whose t lies in it (inclusive), the
         others taking the conditional prediction alone (Kynkaanniemi et al. 2024, "Applying guidance in a limited
         interval"): guidance at high noise narrows variety, at low noise it is not needed. Default: every step.
-        image, strength: seed `sample(start_step, prior)`: noise ``image`` (PIL / array in [0, 1], one or
-        one per sample) to the step ``strength`` of the way up the chain and denoise from there.
+        image, strength: seed `sample(start_step, prior)`: noise ``image`` to the step ``strength`` of the way up
+        the chain and denoise from there. One image or one per sample (a list, or a batch: (B, H, W, C) arrays,
+        (B, C, H, W) tensors); PIL images, uint8 arrays or float arrays in [0, 1]; color images become gray for a
+        grayscale model (PIL's luma) and gray ones are repeated for a color model.
         latents: your own starting noise (B, C, H, W). generator: one, or one per image.
         callback_on_step_end(pipe, i, t, tensors) -> dict may replace "latents".
         """
         if image is not None and not isinstance(image, list) and not (hasattr(image, "ndim") and image.ndim == 4):
             image = [image]
-        if image is not None and isinstance(image, list) and batch_size == 1:
+        if image is not None and batch_size == 1:  # one sample per image given
             batch_size = len(image)
         self.check_inputs(batch_size, generator, strength, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         guided_from, guided_to = guidance_bounds(guidance_interval)  # checked here, read at every step
@@ -182,8 +184,9 @@ class DDPMCustomPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
 
         if image is not None:  # start part-way up the chain from a noised image
+            image = [_as_unit_floats(i) for i in image] if isinstance(image, list) else _as_unit_floats(image)
             prior = self._image_processor().preprocess(image, height=cfg.sample_size, width=cfg.sample_size)
-            prior = prior.to(device=device, dtype=dtype)
+            prior = _match_channels(prior, cfg.in_channels).to(device=device, dtype=dtype)
             if prior.shape[0] not in (1, batch_size):
                 raise ValueError(f"Got {prior.shape[0]} images for batch_size={batch_size}: pass one image or one per sample.")
             prior = prior.expand(batch_size, -1, -1, -1)
@@ -305,6 +308,44 @@ class DDPMCustomPipeline(DiffusionPipeline):
         with open(index_path, "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
+
+
+# ITU-R 601-2 luma, the weights of PIL's convert("L"), which PIL inputs to a grayscale model already go through
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _as_unit_floats(image):
+    """An array or tensor image as floats in [0, 1]: 8-bit ones (np.array of a PIL image) are divided by 255; floats
+    beyond 1 are refused rather than clipped into a white image. PIL images pass as they are."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype == torch.uint8:
+            return image.float() / 255.0
+        too_bright = image.is_floating_point() and image.numel() > 0 and float(image.max()) > 1.0 + 1e-3
+    elif hasattr(image, "dtype") and hasattr(image, "max"):  # a numpy array
+        if image.dtype.name == "uint8":
+            return image.astype("float32") / 255.0
+        too_bright = image.dtype.kind == "f" and image.size > 0 and float(image.max()) > 1.0 + 1e-3
+    else:
+        return image
+    if too_bright:
+        raise ValueError(f"image arrays of floats must lie in [0, 1], got values up to {float(image.max()):g}: divide "
+                         "0-255 values by 255, or pass them as uint8 (or a PIL image).")
+    return image
+
+
+def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, C, H, W) images with the model's channel count: color ones become their luma for a grayscale model, gray
+    ones are repeated for a color model, as PIL inputs are converted; an alpha channel is dropped."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if channels == 1 and have in (3, 4):
+        weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device)
+        return (images[:, :3] * weights[None, :, None, None]).sum(1, keepdim=True)
+    if channels == 3 and have in (1, 2, 4):
+        return images[:, :1].expand(-1, 3, -1, -1) if have in (1, 2) else images[:, :3]
+    raise ValueError(f"images with {have} channels cannot be given to this {channels}-channel model: pass "
+                     f"{'grayscale' if channels == 1 else 'RGB'} images (or PIL images, which are converted).")
 
 
 def _requested_dtype(kwargs: dict):

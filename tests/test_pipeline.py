@@ -106,6 +106,36 @@ def test_img2img_strength(pipe):
         pipe(image=image, strength=1.5)
 
 
+def test_img2img_reads_every_usual_image_form_as_its_pil_image_would_be(pipe):
+    """strength 0 returns the image as the pipeline read it: 8-bit arrays, float arrays, tensors, color arrays for a
+    grayscale model and 4-D batches read as the same picture given as a PIL image (PIL's own conversions are the
+    reference: convert("L") for color)."""
+    rng = np.random.default_rng(1)
+    gray8, color8 = rng.integers(0, 256, (8, 8), dtype=np.uint8), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    as_pil = run(pipe, image=Image.fromarray(gray8), strength=0.0)
+    for same in (gray8, gray8[:, :, None], gray8.astype(np.float32) / 255, torch.from_numpy(gray8)[None],
+                 torch.from_numpy(gray8)[None].float() / 255):
+        np.testing.assert_allclose(run(pipe, image=same, strength=0.0), as_pil, atol=1e-6)
+    color_as_pil = run(pipe, image=Image.fromarray(color8), strength=0.0)  # PIL rounds its luma to 8 bits
+    for same in (color8, color8.astype(np.float32) / 255):
+        np.testing.assert_allclose(run(pipe, image=same, strength=0.0), color_as_pil, atol=0.5 / 255 + 1e-6)
+    # 4-D batches, (B, H, W, C) arrays and (B, C, H, W) tensors as diffusers reads them: one sample per image, as for a list
+    as_list = run(pipe, image=[Image.fromarray(gray8), Image.fromarray(255 - gray8)], strength=0.0)
+    batch = np.stack([gray8, 255 - gray8])[:, :, :, None]
+    for same in (batch, torch.from_numpy(batch).permute(0, 3, 1, 2)):
+        np.testing.assert_allclose(run(pipe, image=same, strength=0.0), as_list, atol=1e-6)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got values up to 255.*divide 0-255 values by 255"):
+        pipe(image=gray8.astype(np.float32), strength=0.5, num_inference_steps=2)
+
+
+def test_img2img_gives_a_color_model_gray_images_as_pil_would():
+    rgb = tiny_pipeline(in_channels=3)
+    gray8 = np.random.default_rng(2).integers(0, 256, (8, 8), dtype=np.uint8)
+    as_pil = run(rgb, image=Image.fromarray(gray8), strength=0.0)
+    assert as_pil.shape == (1, 8, 8, 3)
+    np.testing.assert_allclose(run(rgb, image=gray8.astype(np.float32) / 255, strength=0.0), as_pil, atol=1e-6)
+
+
 @pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
 def test_swapped_diffusers_schedulers_follow_their_contract(pipe, scheduler_cls):
     """The pipeline's loop equals the canonical loop written out here: init_noise_sigma, scale_model_input, step."""
