@@ -80,8 +80,9 @@ class DDPMCustomPipeline(DiffusionPipeline):
             labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
             raise ValueError(f"class_labels has {labels.numel()} entries for batch_size={batch_size}: pass one label or one per image.")
-        if labels.min() < 0 or labels.max() >= num_classes:
-            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}]; got {labels.tolist()}.")
+        outside = sorted(set(labels[(labels < 0) | (labels >= num_classes)].tolist()))
+        if outside:  # named once each: a batch of 16 copies of one wrong label is one mistake
+            raise ValueError(f"class_labels must lie in [0, {num_classes - 1}] (this model's classes); got {outside}.")
         return labels
 
     def check_inputs(self, batch_size, generator, strength, guidance_scale, output_type, callback_inputs):

@@ -166,8 +166,10 @@ def test_classifier_free_guidance():
         warnings.simplefilter("error")  # labels, or a model without classes: nothing to warn about
         run(pipe, batch_size=2, num_inference_steps=2, class_labels=[0, 1])
         run(tiny_pipeline(), batch_size=2, num_inference_steps=2)
-    with pytest.raises(ValueError, match=r"\[0, 2\]"):
-        pipe(class_labels=3)
+    with pytest.raises(ValueError, match=r"\[0, 2\] \(this model's classes\); got \[3\]\.$"):
+        pipe(batch_size=4, class_labels=3)  # four copies of one wrong label: named once
+    with pytest.raises(ValueError, match=r"got \[-1, 5\]\.$"):
+        pipe(batch_size=3, class_labels=[5, 0, -1])
     with pytest.raises(ValueError, match="one label or one per image"):
         pipe(batch_size=3, class_labels=[0, 1])
 
