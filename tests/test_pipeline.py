@@ -113,7 +113,8 @@ def test_img2img_reads_every_usual_image_form_as_its_pil_image_would_be(pipe):
     rng = np.random.default_rng(1)
     gray8, color8 = rng.integers(0, 256, (8, 8), dtype=np.uint8), rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     as_pil = run(pipe, image=Image.fromarray(gray8), strength=0.0)
-    for same in (gray8, gray8[:, :, None], gray8.astype(np.float32) / 255, torch.from_numpy(gray8)[None],
+    with_alpha = np.stack([gray8, np.full_like(gray8, 255)], axis=-1)
+    for same in (gray8, gray8[:, :, None], with_alpha, gray8.astype(np.float32) / 255, torch.from_numpy(gray8)[None],
                  torch.from_numpy(gray8)[None].float() / 255):
         np.testing.assert_allclose(run(pipe, image=same, strength=0.0), as_pil, atol=1e-6)
     color_as_pil = run(pipe, image=Image.fromarray(color8), strength=0.0)  # PIL rounds its luma to 8 bits

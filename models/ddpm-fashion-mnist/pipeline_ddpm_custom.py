@@ -340,6 +340,8 @@ def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     have = images.shape[1]
     if have == channels:
         return images
+    if channels == 1 and have == 2:  # gray and alpha
+        return images[:, :1]
     if channels == 1 and have in (3, 4):
         weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device)
         return (images[:, :3] * weights[None, :, None, None]).sum(1, keepdim=True)
