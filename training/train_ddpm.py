@@ -385,7 +385,8 @@ def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, 
 
 
 def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
-    """A grid of DDIM samples from the EMA weights, saved to logs/samples and to the trackers that take images (TensorBoard, W&B), on rank 0."""
+    """A grid of DDIM samples from the EMA weights, saved to logs/samples and to the trackers that take images
+    (TensorBoard, W&B), on rank 0."""
     with ema_weights(accelerator, unet, ema) as model:
         images = sample_on_all_ranks(accelerator, model, noise_scheduler, args.num_validation_images,
                                      args.validation_inference_steps, 0.0, "pil")
