@@ -135,6 +135,9 @@ def test_img2img_gives_a_color_model_gray_images_as_pil_would():
     as_pil = run(rgb, image=Image.fromarray(gray8), strength=0.0)
     assert as_pil.shape == (1, 8, 8, 3)
     np.testing.assert_allclose(run(rgb, image=gray8.astype(np.float32) / 255, strength=0.0), as_pil, atol=1e-6)
+    rgba8 = np.random.default_rng(3).integers(0, 256, (8, 8, 4), dtype=np.uint8)  # PIL drops the alpha too
+    np.testing.assert_allclose(run(rgb, image=rgba8, strength=0.0), run(rgb, image=Image.fromarray(rgba8), strength=0.0),
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
