@@ -122,6 +122,25 @@ def test_column_detection_errors():
     assert data.pick_columns(ds, "a", "y", True) == ("a", "y")
 
 
+@pytest.mark.parametrize("size", [(32, 16), (16, 32)])
+def test_non_square_images_keep_their_proportions(size):
+    """A picture twice as wide (or tall) as high is scaled by its shorter side and its middle square kept, as diffusers'
+    scripts crop: here a black middle square between white ends stays black. Squashed, it would be gray-striped."""
+    from training.data import make_transform
+
+    width, height = size
+    picture = np.full((height, width), 255, dtype=np.uint8)
+    side = min(width, height)
+    top, left = (height - side) // 2, (width - side) // 2
+    picture[top:top + side, left:left + side] = 0
+    pixels = make_transform("image", None, 8, 1)({"image": [Image.fromarray(picture)]})["pixel_values"][0]
+    assert pixels.shape == (1, 8, 8)
+    # the resampling filter reaches one pixel past the cut, so only the outermost row or column sees the white ends
+    inner = pixels[:, :, 1:-1] if width > height else pixels[:, 1:-1, :]
+    torch.testing.assert_close(inner, torch.full_like(inner, -1.0))
+    assert pixels.mean() < -0.9  # squashed, half of it would be white: a mean near 0
+
+
 def test_image_folder_rgb_with_the_shipped_cpu_config(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image, load_dataset, load_from_disk
 from PIL import Image as PILImage
+from PIL import ImageOps
 
 FASHION_MNIST_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
@@ -138,7 +139,9 @@ def make_transform(image_column: str, label_column: Optional[str], resolution: i
         for image in batch[image_column]:
             image = image.convert(mode)
             if image.size != (resolution, resolution):
-                image = image.resize((resolution, resolution), PILImage.BICUBIC)
+                # the shorter side scaled to the resolution and the middle square kept (diffusers' scripts' Resize +
+                # CenterCrop): a non-square picture keeps its proportions instead of being squashed
+                image = ImageOps.fit(image, (resolution, resolution), method=PILImage.BICUBIC)
             array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
             pixels.append(array[None] if channels == 1 else array.permute(2, 0, 1))
         out = {"pixel_values": pixels}
