@@ -141,6 +141,22 @@ def test_non_square_images_keep_their_proportions(size):
     assert pixels.mean() < -0.9  # squashed, half of it would be white: a mean near 0
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_pngs_read_as_their_eight_bit_selves(tmp_path, channels):
+    """A 16-bit grayscale PNG (PIL mode I;16) gives the pixels of the same picture stored in 8 bits, for a gray or a
+    color model; PIL's own convert would clip it to white."""
+    from training.data import make_transform
+
+    levels = np.random.default_rng(4).integers(0, 256, (8, 8)).astype(np.uint16)
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")
+    Image.fromarray(levels.astype(np.uint8)).save(tmp_path / "plain.png")
+    with Image.open(tmp_path / "deep.png") as deep, Image.open(tmp_path / "plain.png") as plain:
+        assert deep.mode == "I;16"
+        transform = make_transform("image", None, 8, channels)
+        torch.testing.assert_close(transform({"image": [deep]})["pixel_values"][0],
+                                   transform({"image": [plain]})["pixel_values"][0])
+
+
 def test_image_folder_rgb_with_the_shipped_cpu_config(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -129,6 +129,15 @@ def image_channels(dataset: Dataset, image_column: str) -> int:
     return 1 if dataset[0][image_column].mode in ("L", "1", "I", "I;16", "F") else 3
 
 
+def eight_bit(image: PILImage.Image) -> PILImage.Image:
+    """16-bit grayscale (a 16-bit PNG opens as I;16) scaled to 8 bits: PIL's convert("L") clips every value above 255,
+    which turns nearly all of such a picture white."""
+    if not image.mode.startswith("I;16"):
+        return image
+    levels = np.round(np.asarray(image, dtype=np.float64) / 257.0)  # 65535 -> 255
+    return PILImage.fromarray(levels.astype(np.uint8), mode="L")
+
+
 def make_transform(image_column: str, label_column: Optional[str], resolution: int, channels: int):
     """A ``with_transform`` function: PIL images -> float tensors (C, H, W) in [-1, 1]; labels -> ints.
     (Random flips happen in the training step, from its per-step seed, so a resumed run flips alike.)"""
@@ -137,7 +146,7 @@ def make_transform(image_column: str, label_column: Optional[str], resolution: i
     def transform(batch):
         pixels = []
         for image in batch[image_column]:
-            image = image.convert(mode)
+            image = eight_bit(image).convert(mode)
             if image.size != (resolution, resolution):
                 # the shorter side scaled to the resolution and the middle square kept (diffusers' scripts' Resize +
                 # CenterCrop): a non-square picture keeps its proportions instead of being squashed
