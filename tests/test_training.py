@@ -122,6 +122,26 @@ def test_column_detection_errors():
     assert data.pick_columns(ds, "a", "y", True) == ("a", "y")
 
 
+def test_label_columns_become_class_ids_or_a_clear_error():
+    """Class names (text) are encoded by datasets' class_encode_column, as the model needs ids 0..K-1; integer ids pass
+    as they are; negative ids and non-label columns are refused by name."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    def with_labels(values, dtype):
+        return Dataset.from_dict({"image": [Image.new("L", (4, 4))] * len(values), "y": values},
+                                 features=Features({"image": ImageFeature(), "y": Value(dtype)}))
+
+    named = data.labels_as_class_ids(with_labels(["dog", "cat", "dog", "emu"], "string"), "y")
+    assert named["y"] == [1, 0, 1, 2] and named.features["y"].names == ["cat", "dog", "emu"]
+    assert data.num_classes(named, "y") == 3 and data.class_names(named, "y") == ["cat", "dog", "emu"]
+    ids = with_labels([2, 0, 1], "int64")
+    assert data.labels_as_class_ids(ids, "y") is ids and data.num_classes(ids, "y") == 3
+    with pytest.raises(ValueError, match="has the label -1: class ids must be 0, 1, ..."):
+        data.labels_as_class_ids(with_labels([0, -1], "int64"), "y")
+    with pytest.raises(ValueError, match="not class labels: pass a column of integer ids"):
+        data.labels_as_class_ids(with_labels([0.5, 1.5], "float32"), "y")
+
+
 @pytest.mark.parametrize("size", [(32, 16), (16, 32)])
 def test_non_square_images_keep_their_proportions(size):
     """A picture twice as wide (or tall) as high is scaled by its shorter side and its middle square kept, as diffusers'

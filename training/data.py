@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import struct
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -117,6 +117,31 @@ def pick_columns(dataset: Dataset, image_column: Optional[str], label_column: Op
         return image, None
     labels = [c for c, f in dataset.features.items() if isinstance(f, ClassLabel)] or [c for c in columns if c in ("label", "labels")]
     return image, choose(label_column, labels, "class labels", "label_column")
+
+
+def labels_as_class_ids(dataset: Dataset, label_column: str) -> Dataset:
+    """The dataset with class ids 0..K-1 in ``label_column``: a ClassLabel column as it is, integers checked, text
+    (e.g. "cat", "dog") encoded by datasets' ``class_encode_column`` (ids in sorted order of the names)."""
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return dataset
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        return dataset.class_encode_column(label_column)
+    if dtype is None or not dtype.startswith(("int", "uint")):
+        raise ValueError(f"--label_column {label_column!r} holds {feature}, not class labels: pass a column of integer "
+                         "ids (0, 1, ...) or of class names.")
+    lowest = min(dataset[label_column])
+    if lowest < 0:
+        raise ValueError(f"--label_column {label_column!r} has the label {lowest}: class ids must be 0, 1, ..., "
+                         "the number of classes - 1.")
+    return dataset
+
+
+def class_names(dataset: Dataset, label_column: Optional[str]) -> Optional[List[str]]:
+    """The names of class ids 0..K-1 where the dataset has them (a ClassLabel column), for the training record."""
+    feature = dataset.features[label_column] if label_column else None
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
 def num_classes(dataset: Dataset, label_column: str) -> int:

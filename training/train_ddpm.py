@@ -470,6 +470,8 @@ def prepare_dataset(args, accelerator, global_batch: int):
     if args.max_train_samples:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
     image_column, label_column = data.pick_columns(dataset, args.image_column, args.label_column, args.class_conditional)
+    if args.class_conditional:
+        dataset = data.labels_as_class_ids(dataset, label_column)
     num_classes = data.num_classes(dataset, label_column) if args.class_conditional else None
     channels = data.image_channels(dataset, image_column)
     if args.model_config:
@@ -542,7 +544,8 @@ def train(args) -> int:
     config_record = {k: v for k, v in vars(args).items() if k != "hub_token" and not ((args.model_config or args.pretrained_model) and k in size_flags)}
     config_record["unet_config"] = {k: v for k, v in accelerator.unwrap_model(unet).config.items() if not k.startswith("_")}
     config_record.update(num_processes=accelerator.num_processes, global_batch_size=global_batch * args.gradient_accumulation_steps,
-                         resolved_max_train_steps=max_train_steps, num_classes=num_classes, image_column=image_column,
+                         resolved_max_train_steps=max_train_steps, num_classes=num_classes,
+                         class_names=data.class_names(dataset, label_column), image_column=image_column,
                          label_column=label_column, channels=channels, mixed_precision=accelerator.mixed_precision,
                          num_parameters=sum(p.numel() for p in unet.parameters()), train_images=len(dataset))
     if accelerator.is_main_process:
