@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--guidance-scale 1.2 --guidance-interval 80 580, the best guided one)")
     gen.add_argument("--seed", type=int, default=0)
     which = gen.add_mutually_exclusive_group()
-    which.add_argument("--class-label", type=int, default=None,
-                       help="one class for every image of a class-conditional model (default: every class in turn)")
+    which.add_argument("--class-label", default=None,
+                       help="one class for every image of a class-conditional model, by id or by name where the model "
+                            "names its classes (id2label; e.g. Dress for the bundled one) (default: every class in turn)")
     which.add_argument("--null-class", action="store_true",
                        help="sample a class-conditional model's null class, its unconditional model (far weaker: "
                             "pipeline_ddpm_custom/labels.py)")
@@ -65,6 +66,8 @@ def generate(args) -> int:
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
     if args.scheduler != "model":
         pipe.scheduler = solver_from_config(args.scheduler, pipe.scheduler.config)
+    if args.class_label is not None:  # an id, or a name the pipeline knows (its error lists the names)
+        args.class_label = int(args.class_label) if args.class_label.lstrip("-").isdigit() else pipe.get_label_ids(args.class_label)[0]
     labels = class_labels(args, pipe.unet.config.num_class_embeds)
     recorder = DenoisingRecorder(every=max(1, args.steps // 25)) if args.gif else None
     with null_class_on_purpose():  # the CLI samples it only when --null-class asks for it

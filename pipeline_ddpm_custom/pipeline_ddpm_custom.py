@@ -44,15 +44,34 @@ def guidance_bounds(guidance_interval) -> tuple:
 class DDPMCustomPipeline(DiffusionPipeline):
     """Unconditional or class-conditional image generation with a UNet and a DDPM/DDIM (or any diffusers) scheduler.
 
-    Components: ``unet`` (predicts the scheduler's target from x_t and t), ``scheduler``.
+    Components: ``unet`` (predicts the scheduler's target from x_t and t), ``scheduler``. ``id2label`` names a
+    class-conditional model's classes (as diffusers' DiTPipeline does; saved in model_index.json), so that
+    ``class_labels`` may be names and ``get_label_ids`` maps names to ids.
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
-    def __init__(self, unet, scheduler):
+    def __init__(self, unet, scheduler, id2label: Optional[Dict[int, str]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        # JSON keeps the ids as text: back to ints, in id order
+        id2label = None if id2label is None else {int(i): str(name) for i, name in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+        classes = getattr(unet.config, "num_class_embeds", None) if unet is not None else None
+        if id2label and (not classes or not all(0 <= i < classes for i in id2label)):
+            raise ValueError(f"id2label names the classes {sorted(id2label)}, but the unet has "
+                             f"{classes or 'no'} classes{f' (0..{classes - 1})' if classes else ''}.")
+        self.register_to_config(id2label=id2label)
+        self.labels = {name: i for i, name in (id2label or {}).items()}  # DiTPipeline's name -> id
+
+    def get_label_ids(self, label: Union[str, List[str]]) -> List[int]:
+        """The class ids of one name or a list of names (``id2label``'s values), as DiTPipeline's method of that name."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in names if name not in self.labels]
+        if unknown:
+            known = ", ".join(repr(name) for name in self.labels) or "none: this pipeline has no id2label"
+            raise ValueError(f"Unknown class names {unknown}; this model's classes are {known}.")
+        return [self.labels[name] for name in names]
 
     # ---- inputs ------------------------------------------------------------------------------
 
@@ -75,6 +94,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
             return None
         if not num_classes:
             raise ValueError("class_labels were given but this model is unconditional (unet.config.num_class_embeds is None).")
+        if isinstance(class_labels, str) or (isinstance(class_labels, (list, tuple)) and any(isinstance(c, str) for c in class_labels)):
+            class_labels = self.get_label_ids(class_labels)  # names, as id2label gives them
         labels = torch.as_tensor(class_labels, device=self._execution_device, dtype=torch.long).reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
@@ -139,7 +160,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         num_inference_steps: Optional[int] = None,
         timesteps: Optional[List[int]] = None,
         eta: float = 1.0,
-        class_labels: Union[int, List[int], torch.Tensor, None] = None,
+        class_labels: Union[int, str, List[int], List[str], torch.Tensor, None] = None,
         guidance_scale: float = 1.0,
         guidance_interval: Optional[Sequence[int]] = None,
         image=None,
@@ -156,7 +177,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
         timesteps: your own descending chain instead (e.g. denser near t = 0), for schedulers whose
         ``set_timesteps`` takes ``timesteps`` (this one, diffusers' DDPMScheduler).
         eta: 1 = DDPM ancestral, 0 = DDIM (passed to schedulers that take it).
-        class_labels, guidance_scale: class conditioning (one label, or one per image) with classifier-free
+        class_labels, guidance_scale: class conditioning (one label, or one per image; ids, or names where the
+        pipeline has ``id2label``) with classifier-free
         guidance (scale > 1). Without labels a class-conditional model samples its null class, its unconditional
         model, which is usually far weaker (a warning says so once).
         guidance_interval: (lowest, highest) timestep: guide only the steps whose t lies in it (inclusive), the
@@ -259,8 +281,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
         index = cls.load_config(folder)
         dtype = _requested_dtype(kwargs)
         model_kwargs = {k: kwargs.pop(k) for k in _MODEL_LOADING_KEYS if k in kwargs}
-        expected, _ = cls._get_signature_keys(cls)
-        components = {}
+        expected, optional = cls._get_signature_keys(cls)
+        components = {name: kwargs.pop(name, index.get(name)) for name in optional}  # id2label, as diffusers reads it
         for name in expected:
             if name in kwargs:
                 components[name] = kwargs.pop(name)
@@ -277,7 +299,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
             raise TypeError(
                 f"{cls.__name__}.from_pretrained does not take {sorted(kwargs)}. It takes the Hub's download options "
                 f"({', '.join(hub_keys)}), dtype (or its older name torch_dtype), {', '.join(_MODEL_LOADING_KEYS)} and "
-                "components to use instead of the saved ones (unet=..., scheduler=...). To place the pipeline on a "
+                "components or id2label to use instead of the saved ones (unet=..., scheduler=...). To place the pipeline on a "
                 "device, call pipe.to(device) after loading; for the rest of diffusers' loading options (device_map, "
                 "quantization_config, ...) load with DiffusionPipeline.from_pretrained(..., trust_remote_code=True)."
             )

@@ -35,11 +35,14 @@ EXAMPLES_DIR = os.path.join(HERE, "examples")
 EVERY_CLASS, NULL_CLASS = "every", "null"
 
 
-def class_choices(classes):
-    """The class dropdown's (label, value) pairs; none for an unconditional model."""
+def class_choices(classes, id2label=None):
+    """The class dropdown's (label, value) pairs, "3: Dress" where the model names its classes (id2label); none for an
+    unconditional model. The values stay the ids, which the API and the examples use."""
     if not classes:
         return []
-    return [("every class in turn", EVERY_CLASS), *[(str(i), str(i)) for i in range(classes)],
+    names = id2label or {}
+    return [("every class in turn", EVERY_CLASS),
+            *[(f"{i}: {names[i]}" if i in names else str(i), str(i)) for i in range(classes)],
             ("none: the null class (unconditional, weaker)", NULL_CLASS)]
 
 
@@ -184,7 +187,7 @@ def build_demo(pipe) -> gr.Blocks:
                     with gr.Row():
                         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                         randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="randomize")
-                    class_label = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds), value=EVERY_CLASS if conditional else None,
+                    class_label = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds, pipe.config.id2label), value=EVERY_CLASS if conditional else None,
                                               label="Class", visible=conditional, elem_id="class_label")
                     # the defaults are the guidance that measured best for the bundled model (inference.BEST_GUIDANCE_*):
                     # guidance at every step costs FID, a little of it in the middle of the chain gains
@@ -240,7 +243,7 @@ def build_demo(pipe) -> gr.Blocks:
                     i2i_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                     # an upload's class is unknown, so the null class is the default here; naming it conditions on that
                     # class, the model that generates far better than the null class (labels.py)
-                    i2i_class = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds)[1:], value=NULL_CLASS if conditional else None,
+                    i2i_class = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds, pipe.config.id2label)[1:], value=NULL_CLASS if conditional else None,
                                             label="Class of the image", visible=conditional, elem_id="i2i_class")
                     i2i_button = gr.Button("Denoise", variant="primary", elem_id="i2i_run")
                 i2i_out = gr.Gallery(label="Result", columns=1, elem_id="i2i_gallery", format="png")

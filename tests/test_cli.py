@@ -86,7 +86,8 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
     from pipeline_ddpm_custom.cli import main
     from pipeline_ddpm_custom.pictures import grid
 
-    tiny_pipeline(num_train_timesteps=50, num_class_embeds=3).save_pretrained(tmp_path / "model")
+    plain = tiny_pipeline(num_train_timesteps=50, num_class_embeds=3)
+    DDPMCustomPipeline(plain.unet, plain.scheduler, id2label={0: "cat", 1: "dog", 2: "emu"}).save_pretrained(tmp_path / "model")
     pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
     common = ["generate", "--model", str(tmp_path / "model"), "--num-images", "4", "--steps", "4", "--seed", "5"]
 
@@ -101,6 +102,9 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
 
     np.testing.assert_array_equal(drawn(), by_hand([0, 1, 2, 0]))
     np.testing.assert_array_equal(drawn("--class-label", "2"), by_hand(2))
+    np.testing.assert_array_equal(drawn("--class-label", "emu"), by_hand(2))  # by the name the model gives it
+    assert main([*common, "--class-label", "yak"]) == 2
+    assert "Unknown class names ['yak']; this model's classes are 'cat', 'dog', 'emu'" in capsys.readouterr().err
     interval = drawn("--guidance-scale", "3", "--guidance-interval", "10", "30")  # of the chain 36, 24, 12, 0: two
     np.testing.assert_array_equal(interval, by_hand([0, 1, 2, 0], guidance_scale=3.0, guidance_interval=(10, 30)))
     assert not np.array_equal(interval, by_hand([0, 1, 2, 0], guidance_scale=3.0))

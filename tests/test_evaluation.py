@@ -371,7 +371,8 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     source = tmp_path / "export"
     pipe = tiny_pipeline(num_train_timesteps=20, num_class_embeds=3)
     pipe.save_pretrained(source)
-    (source / "training_config.json").write_text(json.dumps({"num_classes": 3, "dataset_name": None}))
+    (source / "training_config.json").write_text(json.dumps({"num_classes": 3, "dataset_name": None, "class_conditional": True,
+                                                             "class_names": ["cat", "dog", "emu"]}))
     evaluation = {"setup": {"extractor": "offline", "num_samples": 40, "reference": "fashion-mnist test (10000 images)"},
                   "floor": {"fid": 1.5}, "runs": [{"sampler": "DDIM", "steps": 5, "fid": 12.25, "class_histogram": [0.3, 0.3, 0.4]}]}
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))
@@ -388,6 +389,7 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     loaded = DDPMCustomPipeline.from_pretrained(target)
     for name, value in pipe.unet.state_dict().items():
         torch.testing.assert_close(loaded.unet.state_dict()[name], value.half().float())
+    assert loaded.config.id2label == {0: "cat", 1: "dog", 2: "emu"}  # an export from before id2label: named from its record
     assert Image.open(target / "samples.png").size[0] >= 8 * 8 and Image.open(target / "denoising.gif").n_frames > 2
     card = (target / "README.md").read_text()
     assert "12.25" in card and "1.50" in card and "zalando-datasets/fashion_mnist" in card and "denoising.gif" in card

@@ -163,3 +163,21 @@ def test_path1_refuses_what_it_does_not_take_by_name(saved, options, error, word
         DDPMCustomPipeline.from_pretrained(folder, **options)
     for word in words:
         assert word in str(raised.value)
+
+
+def test_id2label_survives_all_three_ways(tmp_path):
+    """id2label (diffusers' DiTPipeline's name) is saved in model_index.json and read back by our loader, by
+    diffusers' own (remote code) and by a save of what diffusers loaded; ids come back as ints."""
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+
+    from .conftest import tiny_unet
+
+    names = {0: "cat", 1: "dog", 2: "emu"}
+    DDPMCustomPipeline(tiny_unet(num_class_embeds=3), DDPMCustomScheduler(num_train_timesteps=20), id2label=names
+                       ).save_pretrained(tmp_path / "named")
+    assert json.loads((tmp_path / "named" / "model_index.json").read_text())["id2label"] == {"0": "cat", "1": "dog", "2": "emu"}
+    ours, reference = DDPMCustomPipeline.from_pretrained(tmp_path / "named"), diffusers_own_load(tmp_path / "named")
+    assert ours.config.id2label == reference.config.id2label == names
+    assert ours.get_label_ids(["emu", "cat"]) == reference.get_label_ids(["emu", "cat"]) == [2, 0]
+    reference.save_pretrained(tmp_path / "again")
+    assert DDPMCustomPipeline.from_pretrained(tmp_path / "again").config.id2label == names

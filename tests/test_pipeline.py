@@ -178,6 +178,27 @@ def test_classifier_free_guidance():
         pipe(batch_size=3, class_labels=[0, 1])
 
 
+def test_class_names_sample_as_their_ids():
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+
+    plain = tiny_pipeline(num_class_embeds=3)
+    pipe = DDPMCustomPipeline(plain.unet, plain.scheduler, id2label={0: "cat", 1: "dog", 2: "emu"})
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(pipe, batch_size=3, num_inference_steps=3, class_labels=["emu", "cat", "dog"]),
+                                  run(pipe, batch_size=3, num_inference_steps=3, class_labels=[2, 0, 1]))
+    np.testing.assert_array_equal(run(pipe, batch_size=2, num_inference_steps=3, class_labels="dog"),
+                                  run(pipe, batch_size=2, num_inference_steps=3, class_labels=1))
+    assert pipe.get_label_ids("emu") == [2] and pipe.labels == {"cat": 0, "dog": 1, "emu": 2}
+    with pytest.raises(ValueError, match=r"Unknown class names \['cow'\]; this model's classes are 'cat', 'dog', 'emu'"):
+        pipe(batch_size=1, class_labels="cow", num_inference_steps=2)
+    with pytest.raises(ValueError, match="no id2label"):
+        plain(batch_size=1, class_labels="dog", num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"id2label names the classes \[0, 3\], but the unet has 3 classes"):
+        DDPMCustomPipeline(plain.unet, plain.scheduler, id2label={0: "cat", 3: "yak"})
+    with pytest.raises(ValueError, match="but the unet has no classes"):
+        DDPMCustomPipeline(tiny_pipeline().unet, plain.scheduler, id2label={0: "cat"})
+
+
 def test_guidance_interval_guides_only_the_steps_inside_it():
     """guidance_interval=(30, 60): the loop written out here with diffusers' DDIMScheduler, guiding by hand (two
     UNet calls, eps = uncond + s (cond - uncond)) only where 30 <= t <= 60 and taking the conditional prediction

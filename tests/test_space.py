@@ -37,11 +37,17 @@ def app_url(tmp_path_factory):
     demo.close()
 
 
+CLASS_NAMES = {0: "cat", 1: "dog", 2: "emu"}
+
+
 @pytest.fixture(scope="module")
 def conditional_model(tmp_path_factory):
-    """A class-conditional model (three classes, 50 timesteps) saved in a folder."""
+    """A class-conditional model (three classes with names, 50 timesteps) saved in a folder."""
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+
     model = tmp_path_factory.mktemp("conditional")
-    tiny_pipeline(num_train_timesteps=50, num_class_embeds=3).save_pretrained(model)
+    plain = tiny_pipeline(num_train_timesteps=50, num_class_embeds=3)
+    DDPMCustomPipeline(plain.unet, plain.scheduler, id2label=CLASS_NAMES).save_pretrained(model)
     return model
 
 
@@ -345,7 +351,7 @@ def test_browser_guidance_interval_set_in_the_page_gives_the_pipelines_images(co
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
     page.goto(conditional_app_url)
     page.locator("#class_label input").click()
-    page.get_by_role("option", name="2", exact=True).click()
+    page.get_by_role("option", name="2: emu", exact=True).click()  # the menu names the classes (id2label)
     for box, value in (("#steps input[type=number]", "5"), ("#num_images input[type=number]", "2"),
                        ("#guidance input[type=number]", "3"), ("#guided_from input", "10"), ("#guided_to input", "30")):
         page.locator(box).fill(value)

@@ -142,6 +142,17 @@ def test_label_columns_become_class_ids_or_a_clear_error():
         data.labels_as_class_ids(with_labels([0.5, 1.5], "float32"), "y")
 
 
+@pytest.mark.parametrize("config, names", [
+    ({"class_conditional": True, "num_classes": 2, "class_names": ["cat", "dog"]}, ["cat", "dog"]),
+    ({"class_conditional": True, "num_classes": 10, "dataset_name": None}, data.FASHION_MNIST_CLASSES),  # the default data
+    ({"class_conditional": True, "num_classes": 3, "dataset_name": None}, None),  # not Fashion-MNIST's ten, whatever it was
+    ({"class_conditional": True, "num_classes": 10, "train_data_dir": "pics"}, None),
+    ({"class_conditional": False, "class_names": ["cat", "dog"]}, None),
+])
+def test_class_names_read_from_a_training_record(config, names):
+    assert data.recorded_class_names(config) == names
+
+
 @pytest.mark.parametrize("size", [(32, 16), (16, 32)])
 def test_non_square_images_keep_their_proportions(size):
     """A picture twice as wide (or tall) as high is scaled by its shorter side and its middle square kept, as diffusers'
@@ -292,6 +303,10 @@ def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):
         for key in straight:
             assert np.array_equal(straight[key].numpy(), resumed[key].numpy()), (variant, key)
     assert len(list((killed / "checkpoints").glob("checkpoint-*[0-9]"))) == 2  # total limit honoured
+    # the export names its classes from the data's ClassLabel (Fashion-MNIST here), and the pipeline takes the names
+    index = json.loads((killed / "model_index.json").read_text())
+    assert index["id2label"] == {str(i): name for i, name in enumerate(data.FASHION_MNIST_CLASSES)}
+    assert json.loads((killed / "training_config.json").read_text())["class_names"] == data.FASHION_MNIST_CLASSES
 
 
 def free_port():

@@ -107,6 +107,11 @@ def main(argv=None):
             notes = f.read()
 
     pipe = DDPMCustomPipeline.from_pretrained(args.source)  # the EMA weights, in float32
+    with open(os.path.join(args.source, "training_config.json")) as f:
+        config = json.load(f)
+    names = data.recorded_class_names(config)
+    if pipe.config.id2label is None and names:  # exports from before id2label: name the classes from the record
+        pipe = DDPMCustomPipeline(pipe.unet, pipe.scheduler, id2label=dict(enumerate(names)))
     if args.guidance_scale != 1.0 and pipe.unet.config.num_class_embeds is None:
         parser.error(f"--guidance-scale {args.guidance_scale:g}: {args.source} is not class-conditional, so there is "
                      "nothing to guide towards; leave the guidance options out.")
@@ -116,8 +121,6 @@ def main(argv=None):
     os.makedirs(staging)
     write_pictures(pipe, staging, args.eta, args.steps, args.seed, args.guidance_scale, args.guidance_interval)
     pipe.to(torch.float16).save_pretrained(staging)  # fp16 halves the size; loading upcasts to float32
-    with open(os.path.join(args.source, "training_config.json")) as f:
-        config = json.load(f)
     if args.trained_on:
         config["trained_on"] = args.trained_on
     with open(os.path.join(staging, "training_config.json"), "w") as f:

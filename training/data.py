@@ -144,6 +144,19 @@ def class_names(dataset: Dataset, label_column: Optional[str]) -> Optional[List[
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
+def recorded_class_names(training_config: dict) -> Optional[List[str]]:
+    """The class names of a class-conditional training run, from its training_config.json: those it recorded, else
+    Fashion-MNIST's for a run on the default data (runs before class_names was recorded); None where unknown."""
+    if not training_config.get("class_conditional"):
+        return None
+    names = training_config.get("class_names")
+    if not names and not training_config.get("dataset_name") and not training_config.get("train_data_dir"):
+        names = FASHION_MNIST_CLASSES
+    if not names or len(names) != training_config.get("num_classes", len(names)):  # a record that does not fit
+        return None
+    return list(names)
+
+
 def num_classes(dataset: Dataset, label_column: str) -> int:
     feature = dataset.features[label_column]
     return feature.num_classes if isinstance(feature, ClassLabel) else int(max(dataset[label_column])) + 1

@@ -442,7 +442,8 @@ def check_ranks_in_sync(accelerator, unet, ema) -> None:
 def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record, sample_grid):
     """output_dir/: the EMA pipeline (raw weights as the `non_ema` variant), model card, samples."""
     model = accelerator.unwrap_model(unet)
-    pipe = DDPMCustomPipeline(unet=model, scheduler=noise_scheduler)
+    names = config_record.get("class_names")  # the pipeline names its classes (id2label) where the data did
+    pipe = DDPMCustomPipeline(unet=model, scheduler=noise_scheduler, id2label=dict(enumerate(names)) if names else None)
     pipe.save_pretrained(args.output_dir, variant="non_ema")
     ema.store(model.parameters())
     ema.copy_to(model.parameters())
