@@ -390,6 +390,8 @@ def test_bundle_model_writes_a_small_loadable_folder_with_pictures_and_card(tmp_
     for name, value in pipe.unet.state_dict().items():
         torch.testing.assert_close(loaded.unet.state_dict()[name], value.half().float())
     assert loaded.config.id2label == {0: "cat", 1: "dog", 2: "emu"}  # an export from before id2label: named from its record
+    assert 'The classes: 0 cat, 1 dog, 2 emu; `class_labels` also takes their names (e.g. `class_labels="emu"`)' in (
+        target / "README.md").read_text()
     assert Image.open(target / "samples.png").size[0] >= 8 * 8 and Image.open(target / "denoising.gif").n_frames > 2
     card = (target / "README.md").read_text()
     assert "12.25" in card and "1.50" in card and "zalando-datasets/fashion_mnist" in card and "denoising.gif" in card

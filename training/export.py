@@ -69,6 +69,21 @@ def guidance_sentence(guidance_scale: float, guidance_interval: Optional[Sequenc
     return f" The example adds {guidance_description(guidance_scale, guidance_interval)}{why}."
 
 
+def class_names_sentence(folder: str) -> str:
+    """The card's list of the classes where the saved pipeline names them (id2label in model_index.json)."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.exists(index):
+        return ""
+    with open(index) as f:
+        id2label = json.load(f).get("id2label") or {}
+    if not id2label:
+        return ""
+    names = [id2label[i] for i in sorted(id2label, key=int)]
+    listed = ", ".join(f"{i} {name}" for i, name in sorted(id2label.items(), key=lambda kv: int(kv[0])))
+    return (f" The classes: {listed}; `class_labels` also takes their names (e.g. `class_labels=\"{names[-1]}\"`), "
+            "and `pipe.get_label_ids(names)` gives their ids.")
+
+
 def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[str], metrics: Optional[dict] = None,
                      eval_results: Optional[List[EvalResult]] = None,
                      license: str = "apache-2.0", tags: Optional[List[str]] = None, eta: float = 0.0,
@@ -118,7 +133,7 @@ def write_model_card(folder: str, repo_id: str, config: dict, dataset: Optional[
                          "without labels it samples the null class, the unconditional model classifier-free guidance "
                          "starts from, which was trained only on the training images whose labels were dropped and is "
                          "usually far weaker: pass labels, as above, for the model's best samples; `guidance_scale` > 1 "
-                         "adds classifier-free guidance.") if num_classes else "",
+                         "adds classifier-free guidance." + class_names_sentence(folder)) if num_classes else "",
         config_json=json.dumps(config, indent=2, sort_keys=True, default=str),
         metrics_section=metrics_section,
         notes_section=f"\n{notes.strip()}\n" if notes and notes.strip() else "",
