@@ -67,7 +67,8 @@ def generate(args) -> int:
     if args.scheduler != "model":
         pipe.scheduler = solver_from_config(args.scheduler, pipe.scheduler.config)
     if args.class_label is not None:  # an id, or a name the pipeline knows (its error lists the names)
-        args.class_label = int(args.class_label) if args.class_label.lstrip("-").isdigit() else pipe.get_label_ids(args.class_label)[0]
+        by_id = args.class_label.lstrip("-").isdigit()
+        args.class_label = int(args.class_label) if by_id else pipe.get_label_ids(args.class_label)[0]
     labels = class_labels(args, pipe.unet.config.num_class_embeds)
     recorder = DenoisingRecorder(every=max(1, args.steps // 25)) if args.gif else None
     with null_class_on_purpose():  # the CLI samples it only when --null-class asks for it
