@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 
 import inference  # noqa: E402
 from pipeline_ddpm_custom.pictures import enlarge  # noqa: E402
+from pipeline_ddpm_custom.labels import requested_labels  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces
@@ -51,6 +52,19 @@ def class_from_choice(value):
     that names none) and the null class carry no label."""
     null = value == NULL_CLASS
     return (None if null or value in (None, "", EVERY_CLASS) else int(value)), null
+
+
+def image_captions(request, pipe):
+    """Each generated image's class under it ("3: Dress", "class 3" where the model has no names, "null class"); none
+    for an unconditional model."""
+    classes = pipe.unet.config.num_class_embeds
+    if not classes:
+        return None
+    labels = requested_labels(int(request.num_images), classes, request.class_label, request.null_class)
+    names = pipe.config.id2label or {}
+    if labels is None:
+        return ["null class"] * int(request.num_images)
+    return [f"{label}: {names[label]}" if label in names else f"class {label}" for label in labels]
 
 
 def example_class(path, classes):
@@ -155,7 +169,9 @@ def build_demo(pipe) -> gr.Blocks:
                 progress((update["step"], update["total"]), desc="denoising")
                 yield enlarge(update["preview"], 448), None, None, seed
             else:
-                yield gr.skip(), inference.upscale(update["images"]), update["gif"], seed
+                images = inference.upscale(update["images"])
+                captions = image_captions(request, pipe)
+                yield gr.skip(), list(zip(images, captions)) if captions else images, update["gif"], seed
 
     @_gr_error
     def explore(image, t, seed=0):

@@ -136,8 +136,12 @@ def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path,
     assert app.guidance_for_class(app.NULL_CLASS, 3.0) == 1.0 and app.guidance_for_class("2", 3.0) == 3.0
 
     client = Client(conditional_app_url, verbose=False)
-    drawn = {value: gallery_arrays(generate(client, class_label=value)[1])
-             for value in [None, app.EVERY_CLASS, app.NULL_CLASS, "2"]}
+    galleries = {value: generate(client, class_label=value)[1] for value in [None, app.EVERY_CLASS, app.NULL_CLASS, "2"]}
+    drawn = {value: gallery_arrays(gallery) for value, gallery in galleries.items()}
+    # each image is captioned with its class, named as the model names it (id2label)
+    assert [item["caption"] for item in galleries[app.EVERY_CLASS]] == ["0: cat", "1: dog", "2: emu", "0: cat"]
+    assert [item["caption"] for item in galleries["2"]] == ["2: emu"] * 4
+    assert [item["caption"] for item in galleries[app.NULL_CLASS]] == ["null class"] * 4
     for value in [None, app.EVERY_CLASS]:  # an API caller that names no class gets the default
         np.testing.assert_array_equal(drawn[value][1], drawn[app.EVERY_CLASS][1])
     assert not np.array_equal(drawn[app.NULL_CLASS][1], drawn[app.EVERY_CLASS][1])
