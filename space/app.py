@@ -20,7 +20,6 @@ import gradio as gr  # noqa: E402
 
 import inference  # noqa: E402
 from pipeline_ddpm_custom.pictures import enlarge  # noqa: E402
-from pipeline_ddpm_custom.labels import requested_labels  # noqa: E402
 
 try:  # ZeroGPU on Hugging Face Spaces; a no-op everywhere else
     import spaces
@@ -36,14 +35,17 @@ EXAMPLES_DIR = os.path.join(HERE, "examples")
 EVERY_CLASS, NULL_CLASS = "every", "null"
 
 
+def class_title(label, id2label):
+    """"3: Dress" for a class the model names (its id2label); None for one it does not."""
+    return f"{label}: {id2label[label]}" if id2label and label in id2label else None
+
+
 def class_choices(classes, id2label=None):
     """The class dropdown's (label, value) pairs, "3: Dress" where the model names its classes (id2label); none for an
     unconditional model. The values stay the ids, which the API and the examples use."""
     if not classes:
         return []
-    names = id2label or {}
-    return [("every class in turn", EVERY_CLASS),
-            *[(f"{i}: {names[i]}" if i in names else str(i), str(i)) for i in range(classes)],
+    return [("every class in turn", EVERY_CLASS), *[(class_title(i, id2label) or str(i), str(i)) for i in range(classes)],
             ("none: the null class (unconditional, weaker)", NULL_CLASS)]
 
 
@@ -54,17 +56,14 @@ def class_from_choice(value):
     return (None if null or value in (None, "", EVERY_CLASS) else int(value)), null
 
 
-def image_captions(request, pipe):
-    """Each generated image's class under it ("3: Dress", "class 3" where the model has no names, "null class"); none
-    for an unconditional model."""
-    classes = pipe.unet.config.num_class_embeds
-    if not classes:
+def image_captions(labels, count, pipe):
+    """Each generated image's class under it ("3: Dress", "class 3" where the model has no names, "null class"), from
+    the labels it was sampled with; none for an unconditional model."""
+    if not pipe.unet.config.num_class_embeds:
         return None
-    labels = requested_labels(int(request.num_images), classes, request.class_label, request.null_class)
-    names = pipe.config.id2label or {}
     if labels is None:
-        return ["null class"] * int(request.num_images)
-    return [f"{label}: {names[label]}" if label in names else f"class {label}" for label in labels]
+        return ["null class"] * count
+    return [class_title(label, pipe.config.id2label) or f"class {label}" for label in labels]
 
 
 def example_class(path, classes):
@@ -170,7 +169,7 @@ def build_demo(pipe) -> gr.Blocks:
                 yield enlarge(update["preview"], 448), None, None, seed
             else:
                 images = inference.upscale(update["images"])
-                captions = image_captions(request, pipe)
+                captions = image_captions(update["labels"], len(images), pipe)
                 yield gr.skip(), list(zip(images, captions)) if captions else images, update["gif"], seed
 
     @_gr_error

@@ -110,7 +110,8 @@ def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
 
 def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_every: int = 1) -> Iterator[dict]:
     """Yields {"step", "total", "preview"} while denoising (preview: grid of the current x0 prediction),
-    then {"images", "gif"} at the end. The pipeline runs in a worker thread; previews come through a queue."""
+    then {"images", "gif", "labels"} at the end (labels: each image's class, None for the null class or an
+    unconditional model). The pipeline runs in a worker thread; previews come through a queue."""
     request.check(pipe)
     request_pipe = pipeline_for(pipe, request.sampler)
     eta = SAMPLERS[request.sampler][1] if request.eta is None else float(request.eta)
@@ -127,7 +128,8 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
     def work():
         try:
             n = int(request.num_images)
-            labels = requested_labels(n, pipe.unet.config.num_class_embeds, request.class_label, request.null_class)
+            labels = result["labels"] = requested_labels(n, pipe.unet.config.num_class_embeds, request.class_label,
+                                                         request.null_class)
             result["images"] = request_pipe(
                 batch_size=n,
                 generator=[torch.Generator().manual_seed(int(request.seed) + i) for i in range(n)],
@@ -150,7 +152,7 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
         raise result["error"]
     gif = tempfile.NamedTemporaryFile(suffix=".gif", delete=False).name
     recorder.save_gif(gif, fps=12)
-    yield {"images": result["images"], "gif": gif}
+    yield {"images": result["images"], "gif": gif, "labels": result["labels"]}
 
 
 def check_upload(image) -> Image.Image:

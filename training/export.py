@@ -78,9 +78,9 @@ def class_names_sentence(folder: str) -> str:
         id2label = json.load(f).get("id2label") or {}
     if not id2label:
         return ""
-    names = [id2label[i] for i in sorted(id2label, key=int)]
-    listed = ", ".join(f"{i} {name}" for i, name in sorted(id2label.items(), key=lambda kv: int(kv[0])))
-    return (f" The classes: {listed}; `class_labels` also takes their names (e.g. `class_labels=\"{names[-1]}\"`), "
+    classes = sorted(id2label.items(), key=lambda item: int(item[0]))  # JSON keeps the ids as text
+    listed = ", ".join(f"{i} {name}" for i, name in classes)
+    return (f" The classes: {listed}; `class_labels` also takes their names (e.g. `class_labels=\"{classes[-1][1]}\"`), "
             "and `pipe.get_label_ids(names)` gives their ids.")
 
 

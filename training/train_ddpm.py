@@ -45,8 +45,8 @@ logger = get_logger("train_ddpm")
 LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
 
-# --report_to's trackers (accelerate's names) and the package each needs
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
+# --report_to's trackers: accelerate's names, which are also the packages they need
+TRACKERS = ("comet_ml", "mlflow", "tensorboard", "wandb")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("progress, validation and checkpoints")
     g.add_argument("--output_dir", required=True)
     g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--report_to", default="tensorboard", choices=sorted(TRACKER_PACKAGES) + ["all", "none"],
+    g.add_argument("--report_to", default="tensorboard", choices=[*TRACKERS, "all", "none"],
                    help="where losses, learning rate, EMA decay, FIDs and validation grids are logged (accelerate's "
                         "trackers, under OUTPUT_DIR/logs); all: every tracker installed; none: the console and the "
                         "PNG grids in logs/samples only")
@@ -205,9 +205,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"{args.ema_min_decay} and {args.ema_max_decay}.")
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate must be positive, got {args.learning_rate}.")
-    package = TRACKER_PACKAGES.get(args.report_to)
-    if package and importlib.util.find_spec(package) is None:  # accelerate would only warn, and log nothing
-        raise ValueError(f"--report_to {args.report_to} needs the {package} package: pip install {package}, or pass "
+    tracker = args.report_to
+    if tracker in TRACKERS and importlib.util.find_spec(tracker) is None:  # accelerate would only warn, and log nothing
+        raise ValueError(f"--report_to {tracker} needs the {tracker} package: pip install {tracker}, or pass "
                          "--report_to tensorboard (installed with this package's train extra) or none.")
     if max(args.validation_inference_steps, args.eval_inference_steps) > args.num_train_timesteps:
         raise ValueError("--validation_inference_steps and --eval_inference_steps cannot exceed --num_train_timesteps.")
