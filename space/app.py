@@ -2,6 +2,7 @@
 image to image. Run locally with `python space/app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
 are honoured); the model comes from MODEL_ID (Hub repo id or folder), default the bundled one."""
 
+import contextlib
 import functools
 import inspect
 import math
@@ -163,14 +164,16 @@ def build_demo(pipe) -> gr.Blocks:
             seed = random.randint(0, 2**31 - 1)
         request = generate_request(num_images, sampler, steps, eta, seed, class_label, guidance_scale,
                                    guide_in_interval, guided_from, guided_to)
-        for update in inference.generate_stream(pipe, request):
-            if "preview" in update:
-                progress((update["step"], update["total"]), desc="denoising")
-                yield enlarge(update["preview"], 448), None, None, seed
-            else:
-                images = inference.upscale(update["images"])
-                captions = image_captions(update["labels"], len(images), pipe)
-                yield gr.skip(), list(zip(images, captions)) if captions else images, update["gif"], seed
+        # closed with this generator (Gradio closes it on Stop or when the page goes): the pipeline stops too
+        with contextlib.closing(inference.generate_stream(pipe, request)) as updates:
+            for update in updates:
+                if "preview" in update:
+                    progress((update["step"], update["total"]), desc="denoising")
+                    yield enlarge(update["preview"], 448), None, None, seed
+                else:
+                    images = inference.upscale(update["images"])
+                    captions = image_captions(update["labels"], len(images), pipe)
+                    yield gr.skip(), list(zip(images, captions)) if captions else images, update["gif"], seed
 
     @_gr_error
     def explore(image, t, seed=0):
@@ -217,7 +220,10 @@ def build_demo(pipe) -> gr.Blocks:
                                                     elem_id="guided_from")
                             guided_to = gr.Number(value=best_to, precision=0, minimum=0, maximum=T - 1, label="to t",
                                                   elem_id="guided_to")
-                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    with gr.Row():
+                        button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        # ends a running generation: its steps stop at once, freeing the CPU for the queue
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 with gr.Column(scale=2):
                     preview = gr.Image(label="Live preview: the current x0 prediction", type="pil", elem_id="preview", height=320)
                     gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png", height=420)
@@ -225,9 +231,10 @@ def build_demo(pipe) -> gr.Blocks:
                            format="gif", buttons=["download"])
             sampler.change(lambda s: 1.0 if s.startswith("DDPM") else 0.0, sampler, eta, api_visibility="private")
             class_label.change(guidance_for_class, [class_label, guidance], guidance, api_visibility="private")
-            button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance,
-                                    guide_in_interval, guided_from, guided_to],
-                         [preview, gallery, gif, seed], api_name="generate")
+            generating = button.click(generate, [num_images, sampler, steps, eta, seed, randomize, class_label, guidance,
+                                                 guide_in_interval, guided_from, guided_to],
+                                      [preview, gallery, gif, seed], api_name="generate")
+            stop.click(None, None, None, cancels=[generating], api_visibility="private")
             examples = generate_examples(conditional, T)
             example_inputs = [num_images, sampler, steps, eta, seed, randomize]
             if conditional:

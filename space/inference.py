@@ -29,6 +29,7 @@ SAMPLERS = {  # label -> (scheduler factory from the model's scheduler config, e
 }
 MAX_IMAGES, MAX_STEPS = 16, 1000
 MAX_UPLOAD_PIXELS = 4096 * 4096
+WORKER_THREAD_NAME = "ddpm-generate"  # the thread each generation runs in (tests look for it)
 ACCEPTED_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I", "I;16", "F")
 # the guidance that measured best for the bundled model: scale 1.2 only at t = 80..580 of its 1000 timesteps (README,
 # "Samplers at 50 steps"); the interval is kept as shares of T so that a model with another T gets the same stretch
@@ -111,15 +112,21 @@ def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
 def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_every: int = 1) -> Iterator[dict]:
     """Yields {"step", "total", "preview"} while denoising (preview: grid of the current x0 prediction),
     then {"images", "gif", "labels"} at the end (labels: each image's class, None for the null class or an
-    unconditional model). The pipeline runs in a worker thread; previews come through a queue."""
+    unconditional model). The pipeline runs in a worker thread; previews come through a queue. Closing the generator
+    early (Gradio does when the visitor presses Stop or leaves) interrupts the pipeline at its next step, so an
+    abandoned request stops taking the CPU that the queue has already given to the next one."""
     request.check(pipe)
     request_pipe = pipeline_for(pipe, request.sampler)
     eta = SAMPLERS[request.sampler][1] if request.eta is None else float(request.eta)
     recorder = DenoisingRecorder(every=max(1, int(request.steps) // 25))
     updates: "queue.Queue" = queue.Queue()
     result: dict = {}
+    abandoned = threading.Event()
 
     def on_step(p, i, t, tensors):
+        if abandoned.is_set():
+            p._interrupt = True  # diffusers' way to end the loop after this step
+            return {}
         recorder(p, i, t, tensors)
         if i % preview_every == 0 or i == p._num_timesteps - 1:
             updates.put({"step": i + 1, "total": p._num_timesteps, "preview": recorder.frames[-1]})
@@ -143,10 +150,13 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
         finally:
             updates.put(None)
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=work, daemon=True, name=WORKER_THREAD_NAME)
     thread.start()
-    while (update := updates.get()) is not None:
-        yield update
+    try:
+        while (update := updates.get()) is not None:
+            yield update
+    finally:  # also on close() at a yield: nobody reads on, so the worker stops
+        abandoned.set()
     thread.join()
     if "error" in result:
         raise result["error"]

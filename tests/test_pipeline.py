@@ -92,6 +92,72 @@ def test_callback_sees_every_step_and_can_replace_latents(pipe):
         pipe(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
 
 
+def test_a_callback_can_interrupt_the_loop(pipe):
+    """diffusers' convention: a callback sets pipe._interrupt; no later step calls the UNet, the images are those of
+    the latents at that step, and the next call runs in full."""
+    calls, seen = [], {}
+    hook = pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+
+    def stop_after_third(p, i, t, tensors):
+        seen[i] = tensors["latents"].clone()
+        if i == 2:
+            p._interrupt = True
+        return {}
+
+    try:
+        images = run(pipe, batch_size=2, num_inference_steps=10, callback_on_step_end=stop_after_third, output_type="pt")
+        assert len(calls) == 3 and sorted(seen) == [0, 1, 2] and pipe.interrupt and pipe.num_timesteps == 10
+        torch.testing.assert_close(images, (seen[2] / 2 + 0.5).clamp(0, 1))
+        calls.clear()
+        run(pipe, batch_size=2, num_inference_steps=10)
+        assert len(calls) == 10 and not pipe.interrupt
+    finally:
+        hook.remove()
+
+
+def test_diffusers_pipeline_callbacks_can_cut_guidance_off():
+    """A diffusers PipelineCallback that sets pipe._guidance_scale = 0 after a step (as diffusers' SD cutoff callbacks
+    do) leaves the later steps unguided: the same images as guidance_interval holding only the earlier steps.
+    MultiPipelineCallbacks runs several, with the tensor inputs they ask for; one asking for what this pipeline does
+    not have is refused."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    class GuidanceCutoff(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            cutoff = self.config.cutoff_step_index
+            if step_index == (cutoff if cutoff is not None else int(pipeline.num_timesteps * self.config.cutoff_step_ratio)):
+                pipeline._guidance_scale = 0.0
+            return callback_kwargs
+
+    class Recorder(PipelineCallback):
+        tensor_inputs = ["pred_original_sample"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            assert callback_kwargs["pred_original_sample"] is not None
+            self.scales.append(pipeline.guidance_scale)
+            return callback_kwargs
+
+    pipe = tiny_pipeline(num_class_embeds=3)
+    common = dict(batch_size=2, num_inference_steps=10, eta=0.0, class_labels=[0, 2], guidance_scale=3.0)
+    recorder = Recorder()
+    recorder.scales = []
+    cut = run(pipe, **common, callback_on_step_end=MultiPipelineCallbacks([GuidanceCutoff(cutoff_step_ratio=None, cutoff_step_index=3), recorder]))
+    assert recorder.scales == [3.0] * 3 + [0.0] * 7 and not pipe.do_classifier_free_guidance
+    assert pipe.scheduler.timesteps[:4].tolist() == [90, 80, 70, 60]  # guided: steps 0-3, the cutoff step's model call included
+    np.testing.assert_array_equal(cut, run(pipe, **common, guidance_interval=(60, 99)))
+    np.testing.assert_array_equal(run(pipe, **common, callback_on_step_end=GuidanceCutoff(cutoff_step_ratio=0.5)),
+                                  run(pipe, **common, guidance_interval=(40, 99)))
+    assert not np.allclose(cut, run(pipe, **common), atol=0.01)
+
+    class WantsPromptEmbeds(GuidanceCutoff):
+        tensor_inputs = ["prompt_embeds"]
+
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs \['prompt_embeds'\] unknown"):
+        pipe(batch_size=1, class_labels=0, num_inference_steps=2, callback_on_step_end=WantsPromptEmbeds())
+
+
 def test_img2img_strength(pipe):
     image = np.random.default_rng(0).random((8, 8, 1)).astype(np.float32)
     same = run(pipe, image=image, strength=0.0, num_inference_steps=10)

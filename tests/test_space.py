@@ -5,6 +5,8 @@ import importlib.util
 import os
 import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,39 @@ def conditional_app_url(conditional_model):
     demo.close()
 
 
+@pytest.fixture(scope="module")
+def slow_app(tmp_path_factory):
+    """The demo on a model whose every UNet call is counted and takes 0.1 s more: a 50-step request runs for 5 s,
+    long enough to be stopped part-way. Yields (url, the times of the UNet calls)."""
+    model = tmp_path_factory.mktemp("slow")
+    tiny_pipeline(num_train_timesteps=50).save_pretrained(model)
+    app = load_app()
+    pipe = app.inference.load_pipeline(str(model))
+    calls = []
+
+    def slow_call(*_):
+        calls.append(time.monotonic())
+        time.sleep(0.1)
+
+    pipe.unet.register_forward_hook(slow_call)
+    demo = app.build_demo(pipe)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_name="127.0.0.1")
+    yield url, calls
+    demo.close()
+
+
+def generation_threads():
+    """The demo's generation workers alive now (space/inference.py names them)."""
+    return [thread for thread in threading.enumerate() if thread.name == "ddpm-generate"]
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(0.05)
+
+
 def generate(client, **overrides):
     args = dict(num_images=4, sampler="DDIM (deterministic)", steps=5, eta=0.0, seed=3, randomize_seed=False,
                 class_label=None, guidance_scale=1.0)
@@ -103,6 +138,27 @@ def test_generate_streams_previews(app_url):
     previews = [o for o in outputs if o[0] is not None and not o[1]]  # preview set, gallery still empty
     assert len(previews) >= 5, len(previews)
     assert len(job.outputs()[-1][1]) == 2
+
+
+def test_a_cancelled_generation_stops_its_pipeline(slow_app):
+    """A client that cancels a generation (Gradio then closes the stream) stops the pipeline within a step: its worker
+    ends and the UNet is called no more, instead of running all 50 steps for nobody while the queue has already
+    given its place to the next request. The app then serves the next request in full."""
+    from gradio_client import Client
+
+    url, calls = slow_app
+    calls.clear()
+    client = Client(url, verbose=False)
+    job = client.submit(num_images=2, sampler="DDIM (deterministic)", steps=50, eta=0.0, seed=0, randomize_seed=False,
+                        class_label=None, guidance_scale=1.0, api_name="/generate")
+    wait_until(lambda: len(calls) >= 3, 60, "the generation to start")
+    job.cancel()
+    wait_until(lambda: not generation_threads(), 20, "the worker to stop")
+    stopped_after = len(calls)
+    time.sleep(0.5)
+    assert len(calls) == stopped_after < 25, f"{stopped_after} of 50 steps ran"
+    calls.clear()
+    assert len(generate(client, num_images=2, steps=4)[1]) == 2 and len(calls) == 4
 
 
 def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path, conditional_app_url):
@@ -317,6 +373,31 @@ def test_browser_generate_and_forward_process(app_url, browser):
         sources.append(page.locator("#forward_output img").get_attribute("src"))
     assert sources[0] != sources[1]
     page.screenshot(path=str(ARTIFACTS / "space-forward.png"), full_page=True)
+    page.close()
+
+
+def test_browser_stop_ends_a_generation(slow_app, browser):
+    """Stop, pressed while a 50-step generation runs: the pipeline stops within a step, the progress display goes,
+    no images appear, and Generate works again."""
+    url, calls = slow_app
+    calls.clear()
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(url)
+    for box, value in (("#steps", "50"), ("#num_images", "2")):
+        page.locator(f"{box} input[type=number]").fill(value)
+        page.locator(f"{box} input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    wait_until(lambda: len(calls) >= 3, 60, "the generation to start")
+    page.locator("#stop").click()
+    wait_until(lambda: not generation_threads(), 20, "the worker to stop")
+    assert len(calls) < 25, f"{len(calls)} of 50 steps ran"
+    page.wait_for_function("document.querySelectorAll('.progress-text').length === 0", timeout=30_000)
+    assert page.locator("#gallery img").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "space-stopped.png"), full_page=True)
+    page.locator("#steps input[type=number]").fill("3")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
     page.close()
 
 

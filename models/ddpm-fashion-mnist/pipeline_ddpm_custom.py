@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import diffusers
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -63,6 +64,30 @@ class DDPMCustomPipeline(DiffusionPipeline):
                              f"{classes or 'no'} classes{f' (0..{classes - 1})' if classes else ''}.")
         self.register_to_config(id2label=id2label)
         self.labels = {name: i for i, name in (id2label or {}).items()}  # DiTPipeline's name -> id
+        self._guidance_scale, self._num_timesteps, self._interrupt = 1.0, 0, False
+
+    # ---- diffusers' in-loop state: what a step-end callback reads, and may change --------------
+
+    @property
+    def guidance_scale(self) -> float:
+        """The scale of the step being run; a callback may set ``pipe._guidance_scale`` (diffusers' cutoff callbacks
+        set 0): at 1 or below the following steps are unguided."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps the current (or last) call runs."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a callback to stop after that step; the call returns the images the
+        latents make at that point (diffusers' convention). Each call starts uninterrupted."""
+        return self._interrupt
 
     def get_label_ids(self, label: Union[str, List[str]]) -> List[int]:
         """The class ids of one name or a list of names (``id2label``'s values), as DiTPipeline's method of that name."""
@@ -125,7 +150,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         """The UNet's prediction; with guidance, eps = uncond + s * (cond - uncond) (Ho & Salimans 2022).
         Only the prediction channels are guided; a learned variance comes from the conditional half."""
         model_input = self.scheduler.scale_model_input(latents, t)
-        if labels is None or guidance_scale == 1.0:
+        if labels is None or guidance_scale <= 1.0:
             return self.unet(model_input, t, class_labels=labels).sample
         null = torch.full_like(labels, self.unet.config.num_class_embeds)
         both = self.unet(torch.cat([model_input] * 2), t, class_labels=torch.cat([labels, null])).sample
@@ -168,7 +193,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
         latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable[..., Dict]] = None,
+        callback_on_step_end: Union[Callable[..., Dict], PipelineCallback, MultiPipelineCallbacks, None] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["latents"],
     ) -> Union[ImagePipelineOutput, tuple]:
         """Seed `p_sample_loop`: x_T ~ N(0, I) * init_noise_sigma, then scheduler.step for every timestep.
@@ -189,8 +214,12 @@ class DDPMCustomPipeline(DiffusionPipeline):
         (B, C, H, W) tensors); PIL images, uint8 arrays or float arrays in [0, 1]; color images become gray for a
         grayscale model (PIL's luma) and gray ones are repeated for a color model.
         latents: your own starting noise (B, C, H, W). generator: one, or one per image.
-        callback_on_step_end(pipe, i, t, tensors) -> dict may replace "latents".
+        callback_on_step_end(pipe, i, t, tensors) -> dict may replace "latents"; a diffusers ``PipelineCallback`` (or
+        ``MultiPipelineCallbacks``) brings its own tensor inputs. A callback may also set ``pipe._interrupt = True`` (stop
+        after this step) or ``pipe._guidance_scale`` (the scale from the next step on; 1 or less: unguided).
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if image is not None and not isinstance(image, list) and not (hasattr(image, "ndim") and image.ndim == 4):
             image = [image]
         if image is not None and batch_size == 1:  # one sample per image given
@@ -230,9 +259,11 @@ class DDPMCustomPipeline(DiffusionPipeline):
         step_params = set(inspect.signature(self.scheduler.step).parameters)
         step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
 
-        self._num_timesteps = len(timesteps)
+        self._num_timesteps, self._guidance_scale, self._interrupt = len(timesteps), guidance_scale, False
         for i, t in enumerate(self.progress_bar(timesteps)):
-            scale = guidance_scale if guided_from <= int(t) <= guided_to else 1.0
+            if self.interrupt:  # a callback asked to stop (diffusers' convention: the images of the latents so far)
+                break
+            scale = self._guidance_scale if guided_from <= int(t) <= guided_to else 1.0
             model_output = self._model_output(latents, t, labels, scale)
             out = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = out.prev_sample
