@@ -1,6 +1,8 @@
 """The three ways to load a saved pipeline, each in a fresh process."""
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -117,6 +119,24 @@ def diffusers_own_load(folder, **options):
     return DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, **options)
 
 
+@contextlib.contextmanager
+def diffusers_log():
+    """The warnings diffusers logs meanwhile (conftest quiets them; its loggers do not propagate to pytest's caplog)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    messages, verbosity = [], diffusers_logging.get_verbosity()
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    root = diffusers_logging.get_logger("diffusers")
+    root.addHandler(handler)
+    diffusers_logging.set_verbosity_warning()
+    try:
+        yield messages
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        root.removeHandler(handler)
+
+
 @pytest.mark.parametrize("options", [
     "dtype=torch.float16",
     "dtype={'unet': torch.bfloat16}",
@@ -165,6 +185,25 @@ def test_path1_refuses_what_it_does_not_take_by_name(saved, options, error, word
         assert word in str(raised.value)
 
 
+def test_a_compiled_unet_saves_as_its_model(tmp_path):
+    """pipe.unet = torch.compile(pipe.unet) (as diffusers' speed guides do), then save_pretrained: the folder names and
+    carries the UNet's own code, not torch's compile wrapper's, and loads the second way to the same images."""
+    import torch
+
+    pipe = tiny_pipeline()
+    pipe.unet = torch.compile(pipe.unet)  # a wrapper; nothing compiles until it is called
+    pipe.save_pretrained(tmp_path / "compiled")
+    assert json.loads((tmp_path / "compiled" / "model_index.json").read_text())["unet"] == ["unet_ddpm_custom", "DDPMCustomUNet"]
+    assert sorted(os.listdir(tmp_path / "compiled" / "unet")) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                                  "unet_ddpm_custom.py"]
+    out = tmp_path / "compiled.npy"
+    run_python(HIDE_PACKAGE + "from diffusers import DiffusionPipeline\n"
+               f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'compiled')!r}, trust_remote_code=True)\n"
+               + GENERATE.format(out=str(out)), tmp_path)
+    pipe.unet = pipe.unet._orig_mod
+    np.testing.assert_allclose(np.load(out), expected_images(pipe, tmp_path), atol=1e-6)
+
+
 def test_id2label_survives_all_three_ways(tmp_path):
     """id2label (diffusers' DiTPipeline's name) is saved in model_index.json and read back by our loader, by
     diffusers' own (remote code) and by a save of what diffusers loaded; ids come back as ints."""
@@ -176,7 +215,9 @@ def test_id2label_survives_all_three_ways(tmp_path):
     DDPMCustomPipeline(tiny_unet(num_class_embeds=3), DDPMCustomScheduler(num_train_timesteps=20), id2label=names
                        ).save_pretrained(tmp_path / "named")
     assert json.loads((tmp_path / "named" / "model_index.json").read_text())["id2label"] == {"0": "cat", "1": "dog", "2": "emu"}
-    ours, reference = DDPMCustomPipeline.from_pretrained(tmp_path / "named"), diffusers_own_load(tmp_path / "named")
+    with diffusers_log() as log:
+        ours, reference = DDPMCustomPipeline.from_pretrained(tmp_path / "named"), diffusers_own_load(tmp_path / "named")
+    assert not [line for line in log if "id2label" in line], log  # diffusers checks the JSON's text keys against the annotation
     assert ours.config.id2label == reference.config.id2label == names
     assert ours.get_label_ids(["emu", "cat"]) == reference.get_label_ids(["emu", "cat"]) == [2, 0]
     reference.save_pretrained(tmp_path / "again")

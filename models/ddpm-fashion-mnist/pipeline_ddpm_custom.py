@@ -20,7 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecate
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import is_compiled_module, randn_tensor
 
 # components whose classes come from these libraries are loaded from the library, not from copied code
 _LIBRARY_MODULES = ("diffusers", "transformers")
@@ -53,7 +53,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
-    def __init__(self, unet, scheduler, id2label: Optional[Dict[int, str]] = None):
+    # id2label's keys are ints, or text as model_index.json keeps them (diffusers' loader checks the annotation)
+    def __init__(self, unet, scheduler, id2label: Optional[Dict[Union[int, str], str]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         # JSON keeps the ids as text: back to ints, in id order
@@ -356,6 +357,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
         index["_class_name"] = [_copy_source(type(self), save_directory), type(self).__name__]
         for name in self.components:
             component = getattr(self, name)
+            if is_compiled_module(component):  # torch.compile's wrapper: the code is the wrapped model's
+                component = component._orig_mod
             if component is None or type(component).__module__.split(".")[0] in _LIBRARY_MODULES:
                 continue
             index[name] = [_copy_source(type(component), os.path.join(save_directory, name)), type(component).__name__]
