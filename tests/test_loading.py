@@ -222,3 +222,35 @@ def test_id2label_survives_all_three_ways(tmp_path):
     assert ours.get_label_ids(["emu", "cat"]) == reference.get_label_ids(["emu", "cat"]) == [2, 0]
     reference.save_pretrained(tmp_path / "again")
     assert DDPMCustomPipeline.from_pretrained(tmp_path / "again").config.id2label == names
+
+
+def test_from_pipe_shares_the_unet_and_the_class_names(tmp_path):
+    """diffusers' from_pipe, which moves a model over only when its class is the annotated one: ours hands the UNet over,
+    so a pipeline made from ours (or from the remote-code copy, or from diffusers' DDPMPipeline) shares its UNet, keeps
+    id2label and samples as the original with the scheduler swapped by hand."""
+    import torch
+    from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+
+    from pipeline_ddpm_custom import DDPMCustomScheduler
+
+    from .conftest import tiny_unet
+
+    def images(pipe, **kwargs):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(batch_size=2, num_inference_steps=5, output_type="np", generator=torch.Generator().manual_seed(0),
+                    **kwargs).images
+
+    names = {0: "cat", 1: "dog", 2: "emu"}
+    DDPMCustomPipeline(tiny_unet(num_class_embeds=3), DDPMCustomScheduler(num_train_timesteps=20), id2label=names
+                       ).save_pretrained(tmp_path / "named")
+    for original in (DDPMCustomPipeline.from_pretrained(tmp_path / "named"), diffusers_own_load(tmp_path / "named")):
+        ddim = type(original).from_pipe(original, scheduler=DDIMScheduler.from_config(original.scheduler.config))
+        assert ddim.unet is original.unet and ddim.config.id2label == names
+        assert type(original.scheduler).__name__ == "DDPMCustomScheduler"  # the original keeps its own
+        by_hand = type(original)(unet=original.unet, scheduler=DDIMScheduler.from_config(original.scheduler.config))
+        np.testing.assert_array_equal(images(ddim, class_labels=["emu", "cat"]), images(by_hand, class_labels=[2, 0]))
+
+    theirs = DDPMPipeline(unet=tiny_pipeline().unet, scheduler=DDPMScheduler(num_train_timesteps=100))
+    ours = DDPMCustomPipeline.from_pipe(theirs)
+    assert ours.unet is theirs.unet and isinstance(ours.scheduler, DDPMScheduler)
+    np.testing.assert_allclose(images(ours), images(theirs), atol=1e-6)

@@ -17,6 +17,7 @@ import torch
 import diffusers
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecate
@@ -53,8 +54,8 @@ class DDPMCustomPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
-    # id2label's keys are ints, or text as model_index.json keeps them (diffusers' loader checks the annotation)
-    def __init__(self, unet, scheduler, id2label: Optional[Dict[Union[int, str], str]] = None):
+    # diffusers' loader checks the annotations: id2label's keys may be ints or, as model_index.json keeps them, text
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, id2label: Optional[Dict[Union[int, str], str]] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         # JSON keeps the ids as text: back to ints, in id order
@@ -338,6 +339,16 @@ class DDPMCustomPipeline(DiffusionPipeline):
         pipe = cls(**components)
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe``: a new pipeline sharing ``pipeline``'s components (and ``id2label``), with those
+        given replaced, e.g. ``DDPMCustomPipeline.from_pipe(pipe, scheduler=DDIMScheduler.from_config(...))``.
+        diffusers moves a model over only when its class is the one annotated, which this self-contained file cannot
+        name (its UNet's code lives in another file), so the UNet is handed over here."""
+        if "unet" not in kwargs and isinstance(getattr(pipeline, "unet", None), ModelMixin):
+            kwargs["unet"] = pipeline.unet
+        return super().from_pipe(pipeline, **kwargs)
 
     # ---- saving: weights + configs + code in diffusers' remote-code layout -------------------
 
