@@ -78,6 +78,34 @@ def test_ddim_chain_matches_diffusers(spacing, steps, eta, prediction):
     torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_given_variance_noise_steps_as_ddim_does(eta):
+    """step(variance_noise=z), DDIMScheduler's argument (what DDPM inversion replays): a chain given fresh z at every
+    step matches DDIMScheduler given the same z (eta 1 here is our DDPM step, the same posterior); the noise a
+    generator would draw, given as variance_noise, is the generator's step exactly."""
+    ours, ref = DDPMCustomScheduler(), DDIMScheduler()
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    gen = torch.Generator().manual_seed(0)
+    x = y = torch.randn(2, 3, 8, 8, generator=gen)
+    for t in ref.timesteps:
+        out, z = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
+        x = ours.step(out, t, x, eta=eta, variance_noise=z).prev_sample
+        y = ref.step(out, t, y, eta=eta, variance_noise=z, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+    out, x = torch.randn(2, 3, 8, 8, generator=gen), torch.randn(2, 3, 8, 8, generator=gen)
+    t = ours.timesteps[3]
+    drawn = ours.step(out, t, x, eta=eta, generator=torch.Generator().manual_seed(5)).prev_sample
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours.step(out, t, x, eta=eta, variance_noise=z).prev_sample, drawn, atol=0, rtol=0)
+    assert not torch.allclose(ours.step(out, t, x, eta=eta, variance_noise=-z).prev_sample, drawn)
+    with pytest.raises(ValueError, match="generator or variance_noise, not both"):
+        ours.step(out, t, x, generator=torch.Generator(), variance_noise=z)
+    with pytest.raises(ValueError, match=r"variance_noise must have the sample's shape \(2, 3, 8, 8\)"):
+        ours.step(out, t, x, variance_noise=z[:1])
+
+
 def chains_with_the_same_inputs(ours, reference, x0_target, prediction, eta=None, reference_kwargs=None):
     """Step both schedulers through ``reference.timesteps`` from the same x_T, each with the same imperfect model (the
     output that knows x0_target, scaled by 1.3 so that clipping and thresholding have work to do, plus an error

@@ -301,6 +301,7 @@ class DDPMCustomScheduler(SchedulerMixin, ConfigMixin):
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         eta: float = 1.0,
         return_dict: bool = True,
+        variance_noise: Optional[torch.Tensor] = None,
     ) -> Union[DDPMCustomSchedulerOutput, Tuple]:
         """Seeds `p_mean_variance` + `p_sample`: one reverse step x_t -> x_prev on the current chain.
 
@@ -310,7 +311,13 @@ class DDPMCustomScheduler(SchedulerMixin, ConfigMixin):
         eta=0: deterministic DDIM. 0 < eta < 1: DDIM eq. 12 with sigma = eta * sqrt(posterior variance).
         Noise is drawn with diffusers' ``randn_tensor`` (sample shape and dtype), so seeds carry over
         from DDPMScheduler / DDIMScheduler; no noise is added on the last step of the chain.
+        variance_noise: this step's standard normal noise instead of drawing it (DDIMScheduler's argument, which
+        methods that recover a chain's noise, such as edit-friendly DDPM inversion, replay); not with a generator.
         """
+        if variance_noise is not None and generator is not None:
+            raise ValueError("Pass generator or variance_noise, not both: variance_noise is the noise the generator would draw.")
+        if variance_noise is not None and tuple(variance_noise.shape) != tuple(sample.shape):
+            raise ValueError(f"variance_noise must have the sample's shape {tuple(sample.shape)}, got {tuple(variance_noise.shape)}.")
         t = self._check_timestep(timestep)
         channels = sample.shape[1]
         predicted_variance = None
@@ -357,8 +364,9 @@ class DDPMCustomScheduler(SchedulerMixin, ConfigMixin):
 
         prev_sample = mean
         if not is_last and eta > 0:
-            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=out_dtype)
-            prev_sample = mean + std * noise.to(dtype)
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                sample.shape, generator=generator, device=sample.device, dtype=out_dtype)
+            prev_sample = mean + std * noise.to(device=sample.device, dtype=dtype)
 
         prev_sample, x0 = prev_sample.to(out_dtype), x0.to(out_dtype)
         if not return_dict:
