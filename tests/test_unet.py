@@ -25,6 +25,22 @@ def test_timestep_forms_agree(timestep):
     torch.testing.assert_close(out, reference)
 
 
+@pytest.mark.parametrize("conditional", [False, True])
+def test_torch_compile_sees_one_graph(conditional):
+    """torch.compile(unet, fullgraph=True) needs a forward without graph breaks: the eager-only label check must not
+    read the labels' values while compiling (dynamo's explain traces it without compiling, in seconds); in eager mode
+    the check still names a bad label."""
+    unet = tiny_unet(num_class_embeds=3 if conditional else None)
+    labels = torch.tensor([0, 3]) if conditional else None
+    for timestep in (torch.tensor([5, 7]), 5):
+        explained = torch._dynamo.explain(unet)(torch.randn(2, 1, 8, 8), timestep, class_labels=labels)
+        assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    if conditional:
+        with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\]; got \[0, 4\]"):
+            unet(torch.randn(2, 1, 8, 8), 5, class_labels=torch.tensor([0, 4]))
+
+
 def test_output_depends_on_timestep_and_is_per_sample():
     unet, x = tiny_unet(), torch.randn(3, 1, 8, 8)
     with torch.no_grad():

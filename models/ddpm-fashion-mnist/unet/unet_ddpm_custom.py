@@ -246,7 +246,9 @@ class DDPMCustomUNet(ModelMixin, ConfigMixin):
         temb = self.time_mlp(self.time_sinusoid(t).to(self.time_mlp[0].weight.dtype))
         if self.class_embedding is not None:
             labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1).expand(sample.shape[0])
-            if labels.min() < 0 or labels.max() > self.config.num_class_embeds:
+            # a check that reads the labels' values: eager only, where it costs nothing; under torch.compile it would
+            # split the graph (fullgraph=True fails), and there the embedding's own index check remains
+            if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() > self.config.num_class_embeds):
                 raise ValueError(f"class_labels must lie in [0, {self.config.num_class_embeds}]; got {labels.tolist()}.")
             temb = temb + self.class_embedding(labels)
         temb = F.silu(temb)  # every consumer (time_proj in each block) takes SiLU(temb)
