@@ -309,6 +309,44 @@ def test_sigkill_and_resume_reaches_the_same_weights(tmp_path):
     assert json.loads((killed / "training_config.json").read_text())["class_names"] == data.FASHION_MNIST_CLASSES
 
 
+def test_resume_position_in_the_data_when_batches_change():
+    """A checkpoint read the same way resumes at its own micro-step; with other batch sizes or process counts at the
+    same place of the same epoch (counted here in images, by hand); a dataset of another size is refused."""
+    from training.checkpoints import data_record, resumed_micro_step
+
+    saved = data_record(dataset_size=100, images_per_micro_step=8, micro_steps_per_epoch=12)  # drop_last: 96 a epoch
+    state = {"micro_step": 2 * 12 + 5, "data": saved}  # epoch 2, 40 images into it
+    assert resumed_micro_step(state, saved) == (29, None)
+    assert resumed_micro_step({"micro_step": 29}, data_record(100, 16, 6)) == (29, None)  # an older checkpoint: as saved
+    for per_micro_step, per_epoch in ((16, 6), (4, 25), (24, 4)):  # 2 processes; half the batch; 3 processes
+        step, note = resumed_micro_step(state, data_record(100, per_micro_step, per_epoch))
+        epoch, within = divmod(step, per_epoch)
+        assert epoch == 2 and within * per_micro_step <= 40 < (within + 1) * per_micro_step, (per_micro_step, step)
+        assert f"image {within * per_micro_step} of epoch 2 (the checkpoint had read 40 of it)" in note
+    with pytest.raises(ValueError, match="trained on 100 images and this run has 64: resume with the same data"):
+        resumed_micro_step(state, data_record(64, 8, 8))
+
+
+def test_a_checkpoint_resumes_on_two_processes_with_gradient_accumulation(tmp_path):
+    """Written by one process, resumed by two (batch 8 each, accumulating 2): the run goes on at the same place of the
+    epoch, says so, and keeps the ranks in step (accelerate restores its accumulation count only on ranks that have a
+    saved RNG file; a rank that restarted it at 0 would disagree about when to all-reduce)."""
+    out = tmp_path / "grown"
+    run_training(out, "--max_train_steps", "5", "--checkpointing_steps", "5")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    result = run_training(out, "--max_train_steps", "8", "--checkpointing_steps", "5", "--gradient_accumulation_steps", "2",
+                          "--resume_from_checkpoint", "latest", launcher=launcher, timeout=300,
+                          extra_env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    # 64 images: 8 micro-steps of 8 an epoch before, 4 of 16 now; 5 read 40 images of epoch 0, so on at image 32
+    assert "going on at image 32 of epoch 0 (the checkpoint had read 40 of it)" in result.stderr
+    assert "resumed from" in result.stderr and "weights and EMA identical on all 2 ranks" in result.stderr
+    state = json.loads((out / "checkpoints" / "checkpoint-8" / "training_state.json").read_text())
+    # after the resume: 2 micro-steps (one optimizer step) finish epoch 0, then 4 (two steps) of epoch 1
+    assert state["global_step"] == 8 and state["micro_step"] == 2 + 2 + 4
+    assert state["data"] == {"dataset_size": 64, "images_per_micro_step": 16, "micro_steps_per_epoch": 4}
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -566,11 +566,18 @@ def train(args) -> int:
 
     # ---- resume ------------------------------------------------------------------------------
     global_step, micro_step, nonfinite_total = 0, 0, 0
+    data_reading = checkpoints.data_record(len(dataset), global_batch, len(loader))
     resume_path = checkpoints.resolve_resume(args.resume_from_checkpoint, checkpoints_dir)
     if resume_path:
         state = checkpoints.load_checkpoint(accelerator, resume_path)
         ema.to(accelerator.device)  # accelerate restores custom objects on the CPU
-        global_step, micro_step, nonfinite_total = state["global_step"], state["micro_step"], state["nonfinite_total"]
+        global_step, nonfinite_total = state["global_step"], state["nonfinite_total"]
+        micro_step, moved = checkpoints.resumed_micro_step(state, data_reading)
+        if moved:  # another batch size or process count than the checkpoint's
+            logger.warning(moved, main_process_only=True)
+        # accelerate's gradient-accumulation count (micro-steps into this epoch), the same on every rank: a rank with
+        # no saved RNG file of its own (more processes than the checkpoint's run) would restart it at 0 and hang DDP
+        accelerator.step = micro_step % len(loader)
         logger.info(f"resumed from {resume_path} at step {global_step}", main_process_only=True)
     elif args.resume_from_checkpoint == "latest":
         logger.info("no checkpoint yet: starting from scratch", main_process_only=True)
@@ -645,7 +652,8 @@ def train(args) -> int:
                 evaluate_fid(accelerator, unet, ema, noise_scheduler, args, global_step, fid)
             if global_step % args.checkpointing_steps == 0 or global_step == max_train_steps:
                 check_ranks_in_sync(accelerator, unet, ema)
-                state = {"global_step": global_step, "micro_step": micro_step, "nonfinite_total": nonfinite_total}
+                state = {"global_step": global_step, "micro_step": micro_step, "nonfinite_total": nonfinite_total,
+                         "data": data_reading}
                 path = checkpoints.save_checkpoint(accelerator, checkpoints_dir, global_step, state, args.checkpoints_total_limit)
                 logger.info(f"saved {path}", main_process_only=True)
                 if args.export_at_checkpoints and accelerator.is_main_process:
