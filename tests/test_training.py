@@ -4,6 +4,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -345,6 +346,46 @@ def test_a_checkpoint_resumes_on_two_processes_with_gradient_accumulation(tmp_pa
     # after the resume: 2 micro-steps (one optimizer step) finish epoch 0, then 4 (two steps) of epoch 1
     assert state["global_step"] == 8 and state["micro_step"] == 2 + 2 + 4
     assert state["data"] == {"dataset_size": 64, "images_per_micro_step": 16, "micro_steps_per_epoch": 4}
+
+
+def test_a_checkpoint_exports_as_the_pipeline_training_exported_at_that_step(tmp_path):
+    """python -m training.export_checkpoint: checkpoint-6 of a 6-step run gives, file for file, the folder training
+    exported at its end; checkpoint-3, whose validation grid is moved away, gets the grid drawn as validation drew it,
+    and loads and samples. Not a checkpoint, or no run record: refused with what to pass."""
+    run = tmp_path / "run"
+    run_training(run, "--max_train_steps", "6", "--checkpointing_steps", "3", "--validation_steps", "3",
+                 "--num_validation_images", "4", "--validation_inference_steps", "3", "--class_conditional")
+
+    def export(*argv):
+        return subprocess.run([sys.executable, "-m", "training.export_checkpoint", *map(str, argv)], capture_output=True,
+                              text=True, env=env(), timeout=300, cwd=ROOT)
+
+    again = tmp_path / "exported" / "run"  # the same folder name: the card names its repo after it
+    assert export(run / "checkpoints" / "checkpoint-6", "--out", again).returncode == 0
+    trained = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.relative_to(run).parts[0] not in ("checkpoints", "logs"))
+    assert trained == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for path in trained:
+        assert (run / path).read_bytes() == (again / path).read_bytes(), path
+
+    validation_grid = run / "logs" / "samples" / "step-0000003.png"
+    moved = validation_grid.rename(tmp_path / "step-3.png")
+    early = tmp_path / "early"
+    assert export(run / "checkpoints" / "checkpoint-3", "--out", early).returncode == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(early / "samples.png")), np.asarray(Image.open(moved)))
+    from pipeline_ddpm_custom import DDPMCustomPipeline
+
+    pipe = DDPMCustomPipeline.from_pretrained(early)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(batch_size=2, class_labels="Bag", num_inference_steps=2, output_type="np").images.shape == (2, 8, 8, 1)
+    assert not np.array_equal(unet_weights(early)["conv_in.weight"].numpy(), unet_weights(again)["conv_in.weight"].numpy())
+
+    refused = export(run, "--out", tmp_path / "x")
+    assert refused.returncode == 2 and "is not a complete checkpoint" in refused.stderr
+    copied = tmp_path / "elsewhere" / "checkpoint-3"
+    shutil.copytree(run / "checkpoints" / "checkpoint-3", copied)
+    refused = export(copied, "--out", tmp_path / "x")
+    assert refused.returncode == 2 and "pass the run's training_config.json with --training_config" in refused.stderr
+    assert export(copied, "--out", tmp_path / "x", "--training_config", run / "training_config.json").returncode == 0
 
 
 def free_port():

@@ -63,10 +63,15 @@ def save_checkpoint(accelerator, checkpoints_dir: str, step: int, state: dict, t
     return final
 
 
-def load_checkpoint(accelerator, path: str) -> dict:
-    accelerator.load_state(path)
+def load_state_file(path: str) -> dict:
+    """The checkpoint's own record: steps taken, data position."""
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
+
+
+def load_checkpoint(accelerator, path: str) -> dict:
+    accelerator.load_state(path)
+    return load_state_file(path)
 
 
 def data_record(dataset_size: int, images_per_micro_step: int, micro_steps_per_epoch: int) -> dict:
