@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model: the model's own scheduler (DDIM/DDPM by --eta); or one of diffusers' multistep solvers "
                           "(sde-dpmsolver++ gave the bundled model's best unguided FID at 50 steps; guided DDIM, "
                           "--guidance-scale 1.2 --guidance-interval 80 580, the best guided one)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0,
+                     help="image i is drawn from seed SEED + i, as in the Space, training.evaluate and the model cards: "
+                          "an image is the same whatever the number of images around it")
     which = gen.add_mutually_exclusive_group()
     which.add_argument("--class-label", default=None,
                        help="one class for every image of a class-conditional model, by id or by name where the model "
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's FID fell with guidance 1.2 there, rose with it everywhere)")
     gen.add_argument("--out", default="grid.png", help="where to write the image grid (PNG)")
     gen.add_argument("--gif", default=None, help="also write the denoising of the x0 predictions as a GIF")
+    gen.add_argument("--save-images", default=None, metavar="DIR",
+                     help="also write each image as DIR/NNNNN.png (image i, from seed SEED + i), for tools that read folders")
     gen.add_argument("--device", default=None, help="cpu, cuda, mps (default: cuda when available)")
     return parser
 
@@ -74,7 +78,7 @@ def generate(args) -> int:
     with null_class_on_purpose():  # the CLI samples it only when --null-class asks for it
         images = pipe(
             batch_size=args.num_images,
-            generator=torch.Generator(device="cpu").manual_seed(args.seed),
+            generator=[torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)],
             num_inference_steps=args.steps,
             eta=args.eta or 0.0,  # None (not given) is DDIM; the solvers take no eta
             class_labels=labels,
@@ -86,6 +90,11 @@ def generate(args) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid(images).save(args.out)
     print(f"wrote {len(images)} images to {args.out}")
+    if args.save_images:
+        os.makedirs(args.save_images, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(os.path.join(args.save_images, f"{i:05d}.png"))
+        print(f"wrote each image to {args.save_images}")
     if recorder is not None:
         recorder.save_gif(args.gif)
         print(f"wrote the denoising GIF to {args.gif}")

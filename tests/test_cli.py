@@ -1,10 +1,20 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from PIL import Image
 
 from .conftest import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seeds(first, count):
+    """The CLI's generators: image i from seed first + i."""
+    import torch
+
+    return [torch.Generator().manual_seed(first + i) for i in range(count)]
 
 
 def test_generate_writes_grid_and_gif(tmp_path):
@@ -43,7 +53,7 @@ def test_generate_with_a_solver_draws_what_diffusers_draws(tmp_path, capsys):
     pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="sde-dpmsolver++",
                                                              timestep_spacing="trailing")
-    expected = grid(pipe(batch_size=4, num_inference_steps=6, generator=torch.Generator().manual_seed(2)).images)
+    expected = grid(pipe(batch_size=4, num_inference_steps=6, generator=seeds(2, 4)).images)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(expected))
     assert main(["generate", "--model", str(tmp_path / "model"), "--scheduler", "unipc", "--eta", "0"]) == 2
     assert "unipc takes none (drop --eta)" in capsys.readouterr().err
@@ -66,7 +76,7 @@ def test_generate_defaults_to_ddim(tmp_path):
     pipe = DDPMCustomPipeline.from_pretrained(tmp_path / "model")
 
     def grid_for(eta):
-        images = pipe(batch_size=4, num_inference_steps=6, eta=eta, generator=torch.Generator().manual_seed(1)).images
+        images = pipe(batch_size=4, num_inference_steps=6, eta=eta, generator=seeds(1, 4)).images
         return np.asarray(grid(images))
 
     np.testing.assert_array_equal(drawn, grid_for(0.0))
@@ -97,7 +107,7 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
 
     def by_hand(labels, **guidance):
         images = pipe(batch_size=4, num_inference_steps=4, eta=0.0, class_labels=labels,
-                      generator=torch.Generator().manual_seed(5), **guidance).images
+                      generator=seeds(5, 4), **guidance).images
         return np.asarray(grid(images))
 
     np.testing.assert_array_equal(drawn(), by_hand([0, 1, 2, 0]))
@@ -123,3 +133,37 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
     tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "plain")
     assert main(["generate", "--model", str(tmp_path / "plain"), "--null-class"]) == 2
     assert "unconditional" in capsys.readouterr().err
+
+
+def test_each_image_is_its_seed_whatever_the_batch_and_saves_alone(tmp_path):
+    """Image i comes from seed SEED + i (as in the Space, evaluate and the cards), so an image does not change with
+    the number of images around it even where every step draws noise (ancestral sampling); --save-images writes each."""
+    import numpy as np
+
+    from pipeline_ddpm_custom.cli import main
+
+    tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "model")
+    common = ["generate", "--model", str(tmp_path / "model"), "--steps", "8", "--eta", "1"]
+    assert main([*common, "--num-images", "5", "--seed", "10", "--save-images", str(tmp_path / "five")]) == 0
+    assert main([*common, "--num-images", "2", "--seed", "13", "--save-images", str(tmp_path / "two")]) == 0
+    assert sorted(os.listdir(tmp_path / "five")) == [f"{i:05d}.png" for i in range(5)]
+    for i in range(2):  # seeds 13 and 14: images 3 and 4 of the five
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two" / f"{i:05d}.png")),
+                                      np.asarray(Image.open(tmp_path / "five" / f"{i + 3:05d}.png")))
+
+
+def test_the_demo_command_draws_the_bundled_models_card_pictures(tmp_path):
+    """`make demo`'s command (the bundled model, DDIM 50, guidance 1.2 in t = 80-580, seed 0) draws exactly the
+    16 images of the bundled samples.png that the model card shows (training/bundle_model.py drew them)."""
+    import numpy as np
+
+    from pipeline_ddpm_custom.cli import main
+
+    assert main(["generate", "--model", str(ROOT / "models" / "ddpm-fashion-mnist"), "--num-images", "16", "--steps", "50",
+                 "--eta", "0", "--guidance-scale", "1.2", "--guidance-interval", "80", "580", "--seed", "0",
+                 "--out", str(tmp_path / "grid.png"), "--save-images", str(tmp_path / "images")]) == 0
+    card = np.asarray(Image.open(ROOT / "models" / "ddpm-fashion-mnist" / "samples.png").convert("L"))  # 2 rows of 8, RGB
+    for i in range(16):
+        row, col = divmod(i, 8)
+        tile = card[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28]
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / f"{i:05d}.png")), tile, err_msg=f"image {i}")
