@@ -5,6 +5,7 @@ import os
 import sys
 
 import torch
+from tqdm.auto import tqdm
 
 from .labels import null_class_on_purpose, requested_labels
 from .solvers import SOLVERS, check_eta_applies, solver_from_config
@@ -16,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="sample a grid of images (and optionally a denoising GIF)")
     gen.add_argument("--model", required=True, help="a folder saved with save_pretrained, or a Hub repo id")
     gen.add_argument("--num-images", type=int, default=16)
+    gen.add_argument("--batch-size", type=int, default=64,
+                     help="images sampled at once (memory); the images do not depend on it. With several batches the "
+                          "GIF shows the first")
     gen.add_argument("--steps", type=int, default=50, help="inference steps (respaced chain)")
     gen.add_argument("--eta", type=float, default=None,
                      help="the model's own scheduler: 0 = DDIM (deterministic, the default: at 50 steps far better than "
@@ -63,8 +67,8 @@ def generate(args) -> int:
     from .pictures import DenoisingRecorder, grid
     from .pipeline_ddpm_custom import DDPMCustomPipeline
 
-    if args.num_images < 1:
-        raise SystemExit("--num-images must be at least 1.")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be at least 1.")
     check_eta_applies(args.scheduler, args.eta is not None)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DDPMCustomPipeline.from_pretrained(args.model).to(device)
@@ -75,18 +79,24 @@ def generate(args) -> int:
         args.class_label = int(args.class_label) if by_id else pipe.get_label_ids(args.class_label)[0]
     labels = class_labels(args, pipe.unet.config.num_class_embeds)
     recorder = DenoisingRecorder(every=max(1, args.steps // 25)) if args.gif else None
-    with null_class_on_purpose():  # the CLI samples it only when --null-class asks for it
-        images = pipe(
-            batch_size=args.num_images,
-            generator=[torch.Generator(device="cpu").manual_seed(args.seed + i) for i in range(args.num_images)],
-            num_inference_steps=args.steps,
-            eta=args.eta or 0.0,  # None (not given) is DDIM; the solvers take no eta
-            class_labels=labels,
-            guidance_scale=args.guidance_scale,
-            guidance_interval=args.guidance_interval,
-            callback_on_step_end=recorder,
-            callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
-        ).images
+    starts = range(0, args.num_images, args.batch_size)
+    if len(starts) > 1:  # one bar over the batches instead of one per batch
+        pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in tqdm(starts, desc="batches", disable=len(starts) == 1):
+        chunk = range(start, min(start + args.batch_size, args.num_images))  # image i: seed + i, label i, any batching
+        with null_class_on_purpose():  # the CLI samples it only when --null-class asks for it
+            images += pipe(
+                batch_size=len(chunk),
+                generator=[torch.Generator(device="cpu").manual_seed(args.seed + i) for i in chunk],
+                num_inference_steps=args.steps,
+                eta=args.eta or 0.0,  # None (not given) is DDIM; the solvers take no eta
+                class_labels=None if labels is None else labels[chunk.start:chunk.stop],
+                guidance_scale=args.guidance_scale,
+                guidance_interval=args.guidance_interval,
+                callback_on_step_end=recorder if start == 0 else None,
+                callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
+            ).images
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid(images).save(args.out)
     print(f"wrote {len(images)} images to {args.out}")

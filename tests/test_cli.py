@@ -111,6 +111,7 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
         return np.asarray(grid(images))
 
     np.testing.assert_array_equal(drawn(), by_hand([0, 1, 2, 0]))
+    np.testing.assert_array_equal(drawn("--batch-size", "3"), by_hand([0, 1, 2, 0]))  # labels follow the image, not the batch
     np.testing.assert_array_equal(drawn("--class-label", "2"), by_hand(2))
     np.testing.assert_array_equal(drawn("--class-label", "emu"), by_hand(2))  # by the name the model gives it
     assert main([*common, "--class-label", "yak"]) == 2
@@ -137,19 +138,21 @@ def test_generate_draws_every_class_in_turn_unless_told_otherwise(tmp_path, caps
 
 def test_each_image_is_its_seed_whatever_the_batch_and_saves_alone(tmp_path):
     """Image i comes from seed SEED + i (as in the Space, evaluate and the cards), so an image does not change with
-    the number of images around it even where every step draws noise (ancestral sampling); --save-images writes each."""
+    the number of images around it or with --batch-size, even where every step draws noise (ancestral sampling);
+    --save-images writes each."""
     import numpy as np
 
     from pipeline_ddpm_custom.cli import main
 
     tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "model")
     common = ["generate", "--model", str(tmp_path / "model"), "--steps", "8", "--eta", "1"]
-    assert main([*common, "--num-images", "5", "--seed", "10", "--save-images", str(tmp_path / "five")]) == 0
+    assert main([*common, "--num-images", "5", "--batch-size", "2", "--seed", "10", "--save-images", str(tmp_path / "five")]) == 0
     assert main([*common, "--num-images", "2", "--seed", "13", "--save-images", str(tmp_path / "two")]) == 0
     assert sorted(os.listdir(tmp_path / "five")) == [f"{i:05d}.png" for i in range(5)]
     for i in range(2):  # seeds 13 and 14: images 3 and 4 of the five
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two" / f"{i:05d}.png")),
                                       np.asarray(Image.open(tmp_path / "five" / f"{i + 3:05d}.png")))
+    assert main([*common, "--batch-size", "0"]) == 2
 
 
 def test_the_demo_command_draws_the_bundled_models_card_pictures(tmp_path):
