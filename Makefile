@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: install setup system-deps test demo clean
 
+# diffusers 0.42.1 needs Python 3.11: say so here rather than let pip fail to find it
 $(BIN)/python:
+	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (diffusers 0.42.1 requires it); $(PY) is " + sys.version.split()[0] + ": run make with PY=python3.11 (or newer).")'
 	$(PY) -m venv $(VENV)
 
 # torch first: the CPU build (pip would otherwise pull a multi-GB CUDA build as a dependency)

@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    python_requires=">=3.11",  # diffusers 0.42.1 and accelerate need 3.11 (tests/test_packaging.py)
     packages=find_packages(include=["pipeline_ddpm_custom", "pipeline_ddpm_custom.*"]),
     install_requires=[
         "torch>=2.1",
