@@ -378,7 +378,7 @@ def test_browser_generate_and_forward_process(app_url, browser):
 
 def test_browser_stop_ends_a_generation(slow_app, browser):
     """Stop, pressed while a 50-step generation runs: the pipeline stops within a step, the progress display goes,
-    no images appear, and Generate works again."""
+    no images appear, and Generate works again; closing the page mid-generation stops it too."""
     url, calls = slow_app
     calls.clear()
     page = browser.new_page(viewport={"width": 1280, "height": 1400})
@@ -398,7 +398,18 @@ def test_browser_stop_ends_a_generation(slow_app, browser):
     page.locator("#steps input[type=number]").press("Enter")
     page.locator("#generate").click()
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
+
+    # a visitor who leaves mid-generation: Gradio drops the run and closes its stream, and the pipeline stops too
+    page.locator("#steps input[type=number]").fill("50")
+    page.locator("#steps input[type=number]").press("Enter")
+    calls.clear()
+    page.locator("#generate").click()
+    wait_until(lambda: len(calls) >= 3, 60, "the second generation to start")
     page.close()
+    wait_until(lambda: not generation_threads(), 40, "the worker to stop after the page closed")
+    stopped_after = len(calls)
+    time.sleep(0.5)
+    assert len(calls) == stopped_after < 45, f"{stopped_after} of 50 steps ran"
 
 
 def test_browser_null_class_sets_guidance_to_one_and_generates(conditional_app_url, browser):
