@@ -18,6 +18,12 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (torch.compiler.is_compiling, from torch 2.3; never before)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
 class SinusoidalPositionEmbeddings(nn.Module):
     """Seed `SinusoidalPositionEmbeddings`: timestep t (B,) -> (B, dim), [sin(t w_k), cos(t w_k)],
     w_k = 10000^(-k / (dim/2)) as in the Transformer (Vaswani et al. 2017, section 3.5)."""
@@ -248,7 +254,7 @@ class DDPMCustomUNet(ModelMixin, ConfigMixin):
             labels = torch.as_tensor(class_labels, device=sample.device).reshape(-1).expand(sample.shape[0])
             # a check that reads the labels' values: eager only, where it costs nothing; under torch.compile it would
             # split the graph (fullgraph=True fails), and there the embedding's own index check remains
-            if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() > self.config.num_class_embeds):
+            if not _compiling() and (labels.min() < 0 or labels.max() > self.config.num_class_embeds):
                 raise ValueError(f"class_labels must lie in [0, {self.config.num_class_embeds}]; got {labels.tolist()}.")
             temb = temb + self.class_embedding(labels)
         temb = F.silu(temb)  # every consumer (time_proj in each block) takes SiLU(temb)
