@@ -145,7 +145,7 @@ def test_each_image_is_its_seed_whatever_the_batch_and_saves_alone(tmp_path):
     from pipeline_ddpm_custom.cli import main
 
     tiny_pipeline(num_train_timesteps=50).save_pretrained(tmp_path / "model")
-    common = ["generate", "--model", str(tmp_path / "model"), "--steps", "8", "--eta", "1"]
+    common = ["generate", "--model", str(tmp_path / "model"), "--steps", "8", "--eta", "1", "--out", str(tmp_path / "grid.png")]
     assert main([*common, "--num-images", "5", "--batch-size", "2", "--seed", "10", "--save-images", str(tmp_path / "five")]) == 0
     assert main([*common, "--num-images", "2", "--seed", "13", "--save-images", str(tmp_path / "two")]) == 0
     assert sorted(os.listdir(tmp_path / "five")) == [f"{i:05d}.png" for i in range(5)]
