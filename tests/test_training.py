@@ -79,6 +79,26 @@ def write_idx(path, array):
         f.write(struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape) + array.tobytes())
 
 
+def test_attention_defaults_to_the_level_at_half_the_resolution():
+    """Without --attention_resolutions the UNet attends at half --resolution (14 at 28 pixels, the fixed default it
+    replaces; 16 at 32), so --resolution 32 needs no other flag (the fixed 14 was refused there); a size that is no
+    level of the UNet is refused before any data loads."""
+    from pipeline_ddpm_custom.unet_ddpm_custom import SelfAttention
+    from training.train_ddpm import build_unet, parse_args
+
+    def attention(*argv):
+        return parse_args(["--output_dir", "x", *argv]).attention_resolutions
+
+    assert attention() == [14] and attention("--resolution", "32") == [16] and attention("--resolution", "64") == [32]
+    assert attention("--resolution", "32", "--attention_resolutions", "8,16") == [8, 16]
+    assert attention("--resolution", "32", "--attention_resolutions", "") == []
+    unet = build_unet(parse_args(["--output_dir", "x", "--resolution", "32", "--base_channels", "16"]), 3, None)
+    assert unet.config.attention_resolutions == [16] and sum(isinstance(m, SelfAttention) for m in unet.down_blocks.modules()) == 2
+    with pytest.raises(ValueError, match=r"--attention_resolutions \[14\] are not feature-map sizes at --resolution 32 "
+                                         r"with 3 levels: pick from \[32, 16, 8\]"):
+        attention("--resolution", "32", "--attention_resolutions", "14")
+
+
 def test_idx_files_become_the_hub_schema(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)

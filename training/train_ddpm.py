@@ -69,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--base_channels", type=int, default=64)
     g.add_argument("--channel_mult", default="1,2,2", help="width multiplier per level, comma-separated")
     g.add_argument("--num_res_blocks", type=int, default=2)
-    g.add_argument("--attention_resolutions", default="14", help="feature-map sizes with self-attention, comma-separated ('' for none)")
+    g.add_argument("--attention_resolutions", default=None,
+                   help="feature-map sizes with self-attention, comma-separated ('' for none; default: half of "
+                        "--resolution, 14 at 28 pixels, 16 at 32)")
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--num_train_timesteps", type=int, default=1000)
     g.add_argument("--beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
@@ -218,7 +220,16 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.model_config and args.pretrained_model:
         raise ValueError("Pass --model_config (a new model) or --pretrained_model (fine-tune one), not both.")
     args.channel_mult = int_list(args.channel_mult, "--channel_mult")
-    args.attention_resolutions = int_list(args.attention_resolutions, "--attention_resolutions")
+    if args.attention_resolutions is None:  # the level at half the resolution, where the default of 14 came from
+        sizes = [args.resolution // 2**i for i in range(len(args.channel_mult))]
+        args.attention_resolutions = [args.resolution // 2] if args.resolution % 2 == 0 and args.resolution // 2 in sizes else []
+    else:
+        args.attention_resolutions = int_list(args.attention_resolutions, "--attention_resolutions")
+    sizes = [args.resolution // 2**i for i in range(len(args.channel_mult))]
+    unknown = sorted(set(args.attention_resolutions) - set(sizes))
+    if unknown and not (args.model_config or args.pretrained_model):  # those bring their own
+        raise ValueError(f"--attention_resolutions {unknown} are not feature-map sizes at --resolution {args.resolution} "
+                         f"with {len(sizes)} levels: pick from {sizes}.")
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoints.resolve_resume(args.resume_from_checkpoint, "")  # raises if it is not a checkpoint
     return args
