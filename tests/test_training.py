@@ -55,6 +55,7 @@ def unet_weights(folder, variant=None):
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "not a complete checkpoint"),
         (["--dataset_name", "x", "--train_data_dir", "y"], "not both"),
         (["--channel_mult", "1,a"], "comma-separated integers"),
+        (["--resolution", "30"], "--resolution 30 cannot be halved 2 times (--channel_mult has 3 levels): use a multiple of 4"),
         (["--train_batch_size", "0"], "train_batch_size"),
         (["--input_perturbation", "-0.1"], "--input_perturbation must be >= 0"),
         (["--haze_perturbation", "-1"], "--haze_perturbation must be >= 0"),

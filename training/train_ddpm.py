@@ -220,6 +220,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.model_config and args.pretrained_model:
         raise ValueError("Pass --model_config (a new model) or --pretrained_model (fine-tune one), not both.")
     args.channel_mult = int_list(args.channel_mult, "--channel_mult")
+    halvings = len(args.channel_mult) - 1
+    if not (args.model_config or args.pretrained_model) and args.resolution % 2**halvings:
+        raise ValueError(f"--resolution {args.resolution} cannot be halved {halvings} times (--channel_mult has "
+                         f"{halvings + 1} levels): use a multiple of {2**halvings}, or fewer levels.")
     if args.attention_resolutions is None:  # the level at half the resolution, where the default of 14 came from
         sizes = [args.resolution // 2**i for i in range(len(args.channel_mult))]
         args.attention_resolutions = [args.resolution // 2] if args.resolution % 2 == 0 and args.resolution // 2 in sizes else []
