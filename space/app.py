@@ -57,14 +57,15 @@ def class_from_choice(value):
     return (None if null or value in (None, "", EVERY_CLASS) else int(value)), null
 
 
-def image_captions(labels, count, pipe):
-    """Each generated image's class under it ("3: Dress", "class 3" where the model has no names, "null class"), from
-    the labels it was sampled with; none for an unconditional model."""
+def image_captions(labels, seeds, pipe):
+    """Each generated image's class and seed under it ("3: Dress, seed 7"; "class 3" where the model has no names,
+    "null class"; the seed alone for an unconditional model), from what it was sampled with: one image of the
+    batch is drawn again alone by its seed and class."""
     if not pipe.unet.config.num_class_embeds:
-        return None
+        return [f"seed {seed}" for seed in seeds]
     if labels is None:
-        return ["null class"] * count
-    return [class_title(label, pipe.config.id2label) or f"class {label}" for label in labels]
+        return [f"null class, seed {seed}" for seed in seeds]
+    return [f"{class_title(label, pipe.config.id2label) or f'class {label}'}, seed {seed}" for label, seed in zip(labels, seeds)]
 
 
 def example_class(path, classes):
@@ -172,8 +173,8 @@ def build_demo(pipe) -> gr.Blocks:
                     yield enlarge(update["preview"], 448), None, None, seed
                 else:
                     images = inference.upscale(update["images"])
-                    captions = image_captions(update["labels"], len(images), pipe)
-                    yield gr.skip(), list(zip(images, captions)) if captions else images, update["gif"], seed
+                    captions = image_captions(update["labels"], update["seeds"], pipe)
+                    yield gr.skip(), list(zip(images, captions)), update["gif"], seed
 
     @_gr_error
     def explore(image, t, seed=0):

@@ -111,8 +111,8 @@ def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
 
 def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_every: int = 1) -> Iterator[dict]:
     """Yields {"step", "total", "preview"} while denoising (preview: grid of the current x0 prediction),
-    then {"images", "gif", "labels"} at the end (labels: each image's class, None for the null class or an
-    unconditional model). The pipeline runs in a worker thread; previews come through a queue. Closing the generator
+    then {"images", "gif", "labels", "seeds"} at the end (labels: each image's class, None for the null class or an
+    unconditional model; seeds: each image's seed, request.seed + i). The pipeline runs in a worker thread; previews come through a queue. Closing the generator
     early (Gradio does when the visitor presses Stop or leaves) interrupts the pipeline at its next step, so an
     abandoned request stops taking the CPU that the queue has already given to the next one."""
     request.check(pipe)
@@ -137,9 +137,10 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
             n = int(request.num_images)
             labels = result["labels"] = requested_labels(n, pipe.unet.config.num_class_embeds, request.class_label,
                                                          request.null_class)
+            seeds = result["seeds"] = [int(request.seed) + i for i in range(n)]
             result["images"] = request_pipe(
                 batch_size=n,
-                generator=[torch.Generator().manual_seed(int(request.seed) + i) for i in range(n)],
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                 num_inference_steps=int(request.steps), eta=eta, class_labels=labels,
                 guidance_scale=float(request.guidance_scale), guidance_interval=request.guidance_interval,
                 callback_on_step_end=on_step,
@@ -162,7 +163,7 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
         raise result["error"]
     gif = tempfile.NamedTemporaryFile(suffix=".gif", delete=False).name
     recorder.save_gif(gif, fps=12)
-    yield {"images": result["images"], "gif": gif, "labels": result["labels"]}
+    yield {"images": result["images"], "gif": gif, "labels": result["labels"], "seeds": result["seeds"]}
 
 
 def check_upload(image) -> Image.Image:

@@ -115,6 +115,9 @@ def test_generate_api_is_deterministic(app_url):
     preview, gallery, gif, seed = generate(client)
     first = gallery_arrays(gallery)
     assert len(first) == 4 and first[0].shape[:2] == (112, 112) and seed == 3
+    # image i is drawn from seed 3 + i, and its caption says so: that seed alone draws it again
+    assert [item["caption"] for item in gallery] == ["seed 3", "seed 4", "seed 5", "seed 6"]
+    np.testing.assert_array_equal(gallery_arrays(generate(client, seed=5, num_images=1)[1])[0], first[2])
     assert Image.open(gif).n_frames >= 5
     again = gallery_arrays(generate(client)[1])
     for a, b in zip(first, again):
@@ -195,9 +198,12 @@ def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path,
     galleries = {value: generate(client, class_label=value)[1] for value in [None, app.EVERY_CLASS, app.NULL_CLASS, "2"]}
     drawn = {value: gallery_arrays(gallery) for value, gallery in galleries.items()}
     # each image is captioned with its class, named as the model names it (id2label)
-    assert [item["caption"] for item in galleries[app.EVERY_CLASS]] == ["0: cat", "1: dog", "2: emu", "0: cat"]
-    assert [item["caption"] for item in galleries["2"]] == ["2: emu"] * 4
-    assert [item["caption"] for item in galleries[app.NULL_CLASS]] == ["null class"] * 4
+    assert [item["caption"] for item in galleries[app.EVERY_CLASS]] == ["0: cat, seed 3", "1: dog, seed 4", "2: emu, seed 5",
+                                                                        "0: cat, seed 6"]
+    assert [item["caption"] for item in galleries["2"]] == [f"2: emu, seed {seed}" for seed in range(3, 7)]
+    assert [item["caption"] for item in galleries[app.NULL_CLASS]] == [f"null class, seed {seed}" for seed in range(3, 7)]
+    # the caption is enough to draw that image again alone: class emu, seed 5
+    np.testing.assert_array_equal(gallery_arrays(generate(client, class_label="2", seed=5, num_images=1)[1])[0], drawn[app.EVERY_CLASS][2])
     for value in [None, app.EVERY_CLASS]:  # an API caller that names no class gets the default
         np.testing.assert_array_equal(drawn[value][1], drawn[app.EVERY_CLASS][1])
     assert not np.array_equal(drawn[app.NULL_CLASS][1], drawn[app.EVERY_CLASS][1])
