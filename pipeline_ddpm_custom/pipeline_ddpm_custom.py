@@ -311,6 +311,7 @@ class DDPMCustomPipeline(DiffusionPipeline):
             except HFValidationError:  # its message speaks of repo ids only, where a folder was usually meant
                 raise OSError(f"{folder!r} is neither a folder here nor a Hub repo id (user/name): pass a folder saved "
                               "with save_pretrained, or a repo id.") from None
+        _check_is_pipeline_folder(folder)
         index = cls.load_config(folder)
         dtype = _requested_dtype(kwargs)
         model_kwargs = {k: kwargs.pop(k) for k in _MODEL_LOADING_KEYS if k in kwargs}
@@ -416,6 +417,21 @@ def _match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
         return images[:, :1].expand(-1, 3, -1, -1) if have in (1, 2) else images[:, :3]
     raise ValueError(f"images with {have} channels cannot be given to this {channels}-channel model: pass "
                      f"{'grayscale' if channels == 1 else 'RGB'} images (or PIL images, which are converted).")
+
+
+def _check_is_pipeline_folder(folder: str) -> None:
+    """A folder without model_index.json: say what it is instead (a training checkpoint, one component of a pipeline)
+    and what to pass, where diffusers would only say the file is missing."""
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return
+    if os.path.isfile(os.path.join(folder, "training_state.json")):
+        raise OSError(f"{folder} is a training checkpoint (accelerate's state), not a saved pipeline: export it with "
+                      f"`python -m training.export_checkpoint {folder} --out DIR` and load DIR.")
+    if os.path.isfile(os.path.join(folder, "config.json")) or os.path.isfile(os.path.join(folder, "scheduler_config.json")):
+        raise OSError(f"{folder} holds one component of a pipeline (no model_index.json): pass the folder above it, "
+                      "which save_pretrained wrote.")
+    raise OSError(f"{folder} has no model_index.json: pass a folder written by save_pretrained (a training run's "
+                  "--output_dir, not its checkpoints/ or logs/).")
 
 
 def _requested_dtype(kwargs: dict):

@@ -167,6 +167,22 @@ def test_path1_reads_torch_dtype_with_diffusers_deprecation(saved):
     assert loaded.unet.dtype == torch.float16
 
 
+def test_path1_says_what_a_folder_without_a_pipeline_is(saved, tmp_path):
+    """A training checkpoint, one component's folder or any other folder without model_index.json: the error says
+    which it is and what to pass (diffusers' loader only says that the file is missing)."""
+    _, folder = saved
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text("{}")
+    for path, words in [(checkpoint, "is a training checkpoint (accelerate's state), not a saved pipeline: export it "
+                                     f"with `python -m training.export_checkpoint {checkpoint} --out DIR`"),
+                        (folder / "unet", "holds one component of a pipeline (no model_index.json): pass the folder above it"),
+                        (tmp_path / "run", "has no model_index.json: pass a folder written by save_pretrained")]:
+        with pytest.raises(OSError) as raised:
+            DDPMCustomPipeline.from_pretrained(path)
+        assert words in str(raised.value), str(raised.value)
+
+
 def test_path1_says_when_a_path_is_neither_a_folder_nor_a_repo_id(tmp_path):
     with pytest.raises(OSError, match="neither a folder here nor a Hub repo id"):
         DDPMCustomPipeline.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
