@@ -408,6 +408,19 @@ def test_a_checkpoint_exports_as_the_pipeline_training_exported_at_that_step(tmp
     assert refused.returncode == 2 and "pass the run's training_config.json with --training_config" in refused.stderr
     assert export(copied, "--out", tmp_path / "x", "--training_config", run / "training_config.json").returncode == 0
 
+    from .hub_server import HubServer
+
+    with HubServer() as hub:  # published: the pipeline's files, the card naming the repo
+        hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+                   "HF_HOME": str(tmp_path / "hf_home")}
+        pushed = subprocess.run([sys.executable, "-m", "training.export_checkpoint", str(run / "checkpoints" / "checkpoint-3"),
+                                 "--out", str(tmp_path / "to-push"), "--push_to_hub", "--hub_model_id", "user/step-3"],
+                                capture_output=True, text=True, env=env(**hub_env), timeout=300, cwd=ROOT)
+        assert pushed.returncode == 0, pushed.stderr[-3000:]
+        files = set(hub.repos["user/step-3"].files)
+        assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "samples.png", "README.md"} <= files
+        assert 'from_pretrained("user/step-3"' in (tmp_path / "to-push" / "README.md").read_text()
+
 
 def free_port():
     with socket.socket() as s:

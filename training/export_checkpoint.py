@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from pipeline_ddpm_custom import DDPMCustomUNet  # noqa: E402
 from pipeline_ddpm_custom.pictures import grid  # noqa: E402
-from training import checkpoints  # noqa: E402
+from training import checkpoints, export  # noqa: E402
 from training.train_ddpm import build_noise_scheduler, ema_weights, export_pipeline, sample_on_all_ranks  # noqa: E402
 
 MODEL_FILE = "model.safetensors"  # accelerate's save_state name for the one prepared model
@@ -35,6 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the folder to write the pipeline to (made if missing)")
     p.add_argument("--training_config", default=None,
                    help="the run's training_config.json (default: the one in the folder above checkpoints/)")
+    p.add_argument("--push_to_hub", action="store_true", help="upload the exported files to --hub_model_id")
+    p.add_argument("--hub_model_id", default=None,
+                   help="user/name: the repo the card names and --push_to_hub fills (default: the run's, else the --out folder's name)")
+    p.add_argument("--hub_private_repo", action="store_true")
+    p.add_argument("--hub_token", default=None)
     return p.parse_args(argv)
 
 
@@ -61,14 +66,14 @@ def load_ema_state(checkpoint: str) -> dict:
     raise ValueError(f"{checkpoint} holds no EMA state (custom_checkpoint_*.pkl with shadow_params).")
 
 
-def export_checkpoint(checkpoint: str, out: str, training_config=None) -> str:
-    """Write the pipeline of ``checkpoint`` to ``out``; returns ``out``."""
+def export_checkpoint(checkpoint: str, out: str, training_config=None, hub_model_id=None) -> str:
+    """Write the pipeline of ``checkpoint`` to ``out``; returns ``out``. ``hub_model_id``: the repo its card names."""
     if not os.path.isfile(os.path.join(checkpoint, checkpoints.STATE_FILE)):
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no {checkpoints.STATE_FILE}): pass a checkpoint-N "
                          "folder from OUTPUT_DIR/checkpoints.")
     record = read_run_record(checkpoint, training_config)
     step = checkpoints.load_state_file(checkpoint)["global_step"]
-    args = argparse.Namespace(**{**record, "output_dir": out})
+    args = argparse.Namespace(**{**record, "output_dir": out, "hub_model_id": hub_model_id or record.get("hub_model_id")})
 
     unet = DDPMCustomUNet(**record["unet_config"])
     unet.load_state_dict(load_file(os.path.join(checkpoint, MODEL_FILE)))
@@ -98,11 +103,17 @@ def export_checkpoint(checkpoint: str, out: str, training_config=None) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        folder = export_checkpoint(args.checkpoint, args.out, args.training_config)
+        folder = export_checkpoint(args.checkpoint, args.out, args.training_config, args.hub_model_id)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"pipeline of {args.checkpoint} written to {folder}")
+    if args.push_to_hub:
+        repo_id = args.hub_model_id or read_run_record(args.checkpoint, args.training_config).get("hub_model_id") \
+            or os.path.basename(os.path.abspath(folder))
+        commit = export.push_folder(folder, repo_id, private=args.hub_private_repo, token=args.hub_token,
+                                    commit_message=f"Upload {os.path.basename(os.path.normpath(args.checkpoint))}")
+        print(f"pushed to {repo_id}: {commit}")
     return 0
 
 
