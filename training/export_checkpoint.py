@@ -67,13 +67,15 @@ def load_ema_state(checkpoint: str) -> dict:
 
 
 def export_checkpoint(checkpoint: str, out: str, training_config=None, hub_model_id=None) -> str:
-    """Write the pipeline of ``checkpoint`` to ``out``; returns ``out``. ``hub_model_id``: the repo its card names."""
+    """Write the pipeline of ``checkpoint`` to ``out``; returns the repo id its card names: ``hub_model_id``, else the
+    run's, else the folder's name (training's rule)."""
     if not os.path.isfile(os.path.join(checkpoint, checkpoints.STATE_FILE)):
         raise ValueError(f"{checkpoint} is not a complete checkpoint (no {checkpoints.STATE_FILE}): pass a checkpoint-N "
                          "folder from OUTPUT_DIR/checkpoints.")
     record = read_run_record(checkpoint, training_config)
     step = checkpoints.load_state_file(checkpoint)["global_step"]
-    args = argparse.Namespace(**{**record, "output_dir": out, "hub_model_id": hub_model_id or record.get("hub_model_id")})
+    repo_id = hub_model_id or record.get("hub_model_id") or os.path.basename(os.path.abspath(out))
+    args = argparse.Namespace(**{**record, "output_dir": out, "hub_model_id": repo_id})
 
     unet = DDPMCustomUNet(**record["unet_config"])
     unet.load_state_dict(load_file(os.path.join(checkpoint, MODEL_FILE)))
@@ -97,21 +99,19 @@ def export_checkpoint(checkpoint: str, out: str, training_config=None, hub_model
         ema.to("cpu")
     os.makedirs(out, exist_ok=True)
     export_pipeline(accelerator, unet, ema, noise_scheduler, args, record, sample_grid)
-    return out
+    return repo_id
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        folder = export_checkpoint(args.checkpoint, args.out, args.training_config, args.hub_model_id)
+        repo_id = export_checkpoint(args.checkpoint, args.out, args.training_config, args.hub_model_id)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"pipeline of {args.checkpoint} written to {folder}")
-    if args.push_to_hub:
-        repo_id = args.hub_model_id or read_run_record(args.checkpoint, args.training_config).get("hub_model_id") \
-            or os.path.basename(os.path.abspath(folder))
-        commit = export.push_folder(folder, repo_id, private=args.hub_private_repo, token=args.hub_token,
+    print(f"pipeline of {args.checkpoint} written to {args.out}")
+    if args.push_to_hub:  # the repo its card names
+        commit = export.push_folder(args.out, repo_id, private=args.hub_private_repo, token=args.hub_token,
                                     commit_message=f"Upload {os.path.basename(os.path.normpath(args.checkpoint))}")
         print(f"pushed to {repo_id}: {commit}")
     return 0
