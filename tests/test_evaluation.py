@@ -64,6 +64,17 @@ def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
     saved = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert results["runs"][0]["scheduler"] == {"class": saved["_class_name"],
                                                **{k: saved[k] for k in ("prediction_type", "timestep_spacing", "clip_sample", "thresholding")}}
+    # what else decides the numbers: the weights (by content, not folder name), the batch size and the software
+    import diffusers
+    import torch
+
+    from pipeline_ddpm_custom import DDPMCustomUNet
+    from training.sample_batches import weights_digest
+
+    run = results["runs"][0]
+    assert run["weights_sha256"] == weights_digest(DDPMCustomUNet.from_pretrained(tmp_path / "model", subfolder="unet"))
+    assert run["batch_size"] == 40 and run["software"]["torch"] == torch.__version__
+    assert run["software"]["diffusers"] == diffusers.__version__ and run["software"]["pipeline_ddpm_custom"]
     assert Image.open(tmp_path / "curve.png").size[0] > 100
 
 

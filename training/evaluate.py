@@ -435,7 +435,8 @@ def main(argv=None):
 
     # the scheduler settings that change samples without changing the model folder's name
     scheduler = {"class": type(pipe.scheduler).__name__, **{k: pipe.scheduler.config.get(k) for k in SAMPLING_SETTINGS}}
-    weights = weights_digest(pipe.unet) if args.out else None
+    weights = weights_digest(pipe.unet)  # recorded with each row: which weights, whatever the folder is called now
+    software = software_versions()
     for eta in args.eta:
         for steps in args.steps:
             label = sampler_label(args.scheduler, eta)
@@ -456,6 +457,7 @@ def main(argv=None):
             run = {"sampler": label, "eta": eta,
                    "steps": steps, **score_images(fid, kid, images, extractor), "class_histogram": class_histogram(images, classifier),
                    "seconds": round(time.time() - start, 1), "device": str(device), "scheduler": scheduler,
+                   "batch_size": args.batch_size, "weights_sha256": weights, "software": software,
                    **({"batches_from_interrupted_run": resumed} if resumed else {})}  # not in "seconds"
             results["runs"].append(run)
             print(f"{run['sampler']:>15} {steps:>5} steps: FID {run['fid']:.3f}  KID {run['kid']:.5f}  "
@@ -466,6 +468,21 @@ def main(argv=None):
     if args.plot:
         plot_curve(results, args.plot, compare=[(label, json.load(open(path))) for label, path in args.compare])
     return results
+
+
+def software_versions() -> dict:
+    """The versions that decide a row's numbers besides the weights and the settings (kept with each row, so that a
+    number can be reproduced with what made it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import diffusers
+
+    try:
+        ours = version("pipeline-ddpm-custom")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        ours = "checkout"
+    return {"pipeline_ddpm_custom": ours, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "numpy": np.__version__}
 
 
 def previous_results(path, setup: dict) -> dict:
