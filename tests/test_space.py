@@ -97,6 +97,17 @@ def wait_until(condition, timeout, what):
         time.sleep(0.05)
 
 
+def assert_stops_part_way(calls, stop, within, most_steps):
+    """Once a 50-step generation of the slow app has called the UNet 3 times, stop() it: its worker must end within
+    `within` seconds, after fewer than `most_steps` steps, and the UNet be called no more."""
+    wait_until(lambda: len(calls) >= 3, 60, "the generation to start")
+    stop()
+    wait_until(lambda: not generation_threads(), within, "the worker to stop")
+    stopped_after = len(calls)
+    time.sleep(0.5)
+    assert len(calls) == stopped_after < most_steps, f"{stopped_after} of 50 steps ran"
+
+
 def generate(client, **overrides):
     args = dict(num_images=4, sampler="DDIM (deterministic)", steps=5, eta=0.0, seed=3, randomize_seed=False,
                 class_label=None, guidance_scale=1.0)
@@ -154,12 +165,7 @@ def test_a_cancelled_generation_stops_its_pipeline(slow_app):
     client = Client(url, verbose=False)
     job = client.submit(num_images=2, sampler="DDIM (deterministic)", steps=50, eta=0.0, seed=0, randomize_seed=False,
                         class_label=None, guidance_scale=1.0, api_name="/generate")
-    wait_until(lambda: len(calls) >= 3, 60, "the generation to start")
-    job.cancel()
-    wait_until(lambda: not generation_threads(), 20, "the worker to stop")
-    stopped_after = len(calls)
-    time.sleep(0.5)
-    assert len(calls) == stopped_after < 25, f"{stopped_after} of 50 steps ran"
+    assert_stops_part_way(calls, job.cancel, within=20, most_steps=25)
     calls.clear()
     assert len(generate(client, num_images=2, steps=4)[1]) == 2 and len(calls) == 4
 
@@ -393,10 +399,7 @@ def test_browser_stop_ends_a_generation(slow_app, browser):
         page.locator(f"{box} input[type=number]").fill(value)
         page.locator(f"{box} input[type=number]").press("Enter")
     page.locator("#generate").click()
-    wait_until(lambda: len(calls) >= 3, 60, "the generation to start")
-    page.locator("#stop").click()
-    wait_until(lambda: not generation_threads(), 20, "the worker to stop")
-    assert len(calls) < 25, f"{len(calls)} of 50 steps ran"
+    assert_stops_part_way(calls, page.locator("#stop").click, within=20, most_steps=25)
     page.wait_for_function("document.querySelectorAll('.progress-text').length === 0", timeout=30_000)
     assert page.locator("#gallery img").count() == 0
     page.screenshot(path=str(ARTIFACTS / "space-stopped.png"), full_page=True)
@@ -410,12 +413,7 @@ def test_browser_stop_ends_a_generation(slow_app, browser):
     page.locator("#steps input[type=number]").press("Enter")
     calls.clear()
     page.locator("#generate").click()
-    wait_until(lambda: len(calls) >= 3, 60, "the second generation to start")
-    page.close()
-    wait_until(lambda: not generation_threads(), 40, "the worker to stop after the page closed")
-    stopped_after = len(calls)
-    time.sleep(0.5)
-    assert len(calls) == stopped_after < 45, f"{stopped_after} of 50 steps ran"
+    assert_stops_part_way(calls, page.close, within=40, most_steps=45)
 
 
 def test_browser_null_class_sets_guidance_to_one_and_generates(conditional_app_url, browser):
