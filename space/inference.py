@@ -128,8 +128,8 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
             p._interrupt = True  # diffusers' way to end the loop after this step
             return {}
         recorder(p, i, t, tensors)
-        if i % preview_every == 0 or i == p._num_timesteps - 1:
-            updates.put({"step": i + 1, "total": p._num_timesteps, "preview": recorder.frames[-1]})
+        if i % preview_every == 0 or i == p.num_timesteps - 1:
+            updates.put({"step": i + 1, "total": p.num_timesteps, "preview": recorder.frames[-1]})
         return {}
 
     def work():

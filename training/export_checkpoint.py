@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from pipeline_ddpm_custom import DDPMCustomUNet  # noqa: E402
-from pipeline_ddpm_custom.pictures import grid  # noqa: E402
 from training import checkpoints, export  # noqa: E402
-from training.train_ddpm import build_noise_scheduler, ema_weights, export_pipeline, sample_on_all_ranks  # noqa: E402
+from training.train_ddpm import (  # noqa: E402
+    build_noise_scheduler, draw_validation_grid, export_pipeline, hub_repo_id, validation_grid_path)
 
 MODEL_FILE = "model.safetensors"  # accelerate's save_state name for the one prepared model
 
@@ -43,10 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_folder(checkpoint: str) -> str:
+    """The training run's --output_dir: the folder above checkpoints/."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+
+
 def read_run_record(checkpoint: str, training_config=None) -> dict:
     """The run's configuration record (train_ddpm.py writes it at the start of every run, resumes included)."""
-    path = training_config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
-                                           "training_config.json")
+    path = training_config or os.path.join(run_folder(checkpoint), "training_config.json")
     if not os.path.isfile(path):
         raise ValueError(f"No training configuration at {path}: pass the run's training_config.json with --training_config.")
     with open(path) as f:
@@ -74,8 +78,7 @@ def export_checkpoint(checkpoint: str, out: str, training_config=None, hub_model
                          "folder from OUTPUT_DIR/checkpoints.")
     record = read_run_record(checkpoint, training_config)
     step = checkpoints.load_state_file(checkpoint)["global_step"]
-    repo_id = hub_model_id or record.get("hub_model_id") or os.path.basename(os.path.abspath(out))
-    args = argparse.Namespace(**{**record, "output_dir": out, "hub_model_id": repo_id})
+    args = argparse.Namespace(**{**record, "output_dir": out, "hub_model_id": hub_model_id or record.get("hub_model_id")})
 
     unet = DDPMCustomUNet(**record["unet_config"])
     unet.load_state_dict(load_file(os.path.join(checkpoint, MODEL_FILE)))
@@ -84,22 +87,17 @@ def export_checkpoint(checkpoint: str, out: str, training_config=None, hub_model
     noise_scheduler = build_noise_scheduler(args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
 
-    drawn = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "logs", "samples",
-                         f"step-{step:07d}.png")
+    drawn = validation_grid_path(run_folder(checkpoint), step)
     if os.path.isfile(drawn):  # validation's grid of this very step
         sample_grid = Image.open(drawn)
         sample_grid.load()
     else:
         unet.to(accelerator.device)
         ema.to(accelerator.device)
-        with ema_weights(accelerator, unet, ema) as model:
-            sample_grid = grid(sample_on_all_ranks(accelerator, model, noise_scheduler, record["num_validation_images"],
-                                                   record["validation_inference_steps"], 0.0, "pil"))
-        unet.cpu()
-        ema.to("cpu")
+        sample_grid = draw_validation_grid(accelerator, unet, ema, noise_scheduler, args)
     os.makedirs(out, exist_ok=True)
     export_pipeline(accelerator, unet, ema, noise_scheduler, args, record, sample_grid)
-    return repo_id
+    return hub_repo_id(args)
 
 
 def main(argv=None) -> int:

@@ -224,12 +224,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if not (args.model_config or args.pretrained_model) and args.resolution % 2**halvings:
         raise ValueError(f"--resolution {args.resolution} cannot be halved {halvings} times (--channel_mult has "
                          f"{halvings + 1} levels): use a multiple of {2**halvings}, or fewer levels.")
+    sizes = [args.resolution // 2**i for i in range(halvings + 1)]  # the UNet's feature-map sizes, level by level
     if args.attention_resolutions is None:  # the level at half the resolution, where the default of 14 came from
-        sizes = [args.resolution // 2**i for i in range(len(args.channel_mult))]
         args.attention_resolutions = [args.resolution // 2] if args.resolution % 2 == 0 and args.resolution // 2 in sizes else []
     else:
         args.attention_resolutions = int_list(args.attention_resolutions, "--attention_resolutions")
-    sizes = [args.resolution // 2**i for i in range(len(args.channel_mult))]
     unknown = sorted(set(args.attention_resolutions) - set(sizes))
     if unknown and not (args.model_config or args.pretrained_model):  # those bring their own
         raise ValueError(f"--attention_resolutions {unknown} are not feature-map sizes at --resolution {args.resolution} "
@@ -399,18 +398,26 @@ def sample_on_all_ranks(accelerator, model, noise_scheduler, count, steps, eta, 
     return gather_object(images)
 
 
-def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
-    """A grid of DDIM samples from the EMA weights, saved to logs/samples and to the trackers that take images
-    (TensorBoard, W&B), on rank 0."""
+def validation_grid_path(output_dir: str, step: int) -> str:
+    """Where validation keeps the grid it drew at `step`."""
+    return os.path.join(output_dir, "logs", "samples", f"step-{step:07d}.png")
+
+
+def draw_validation_grid(accelerator, unet, ema, noise_scheduler, args):
+    """The validation grid: DDIM samples from the EMA weights (every rank samples its share and gets the grid)."""
     with ema_weights(accelerator, unet, ema) as model:
-        images = sample_on_all_ranks(accelerator, model, noise_scheduler, args.num_validation_images,
-                                     args.validation_inference_steps, 0.0, "pil")
+        return grid(sample_on_all_ranks(accelerator, model, noise_scheduler, args.num_validation_images,
+                                        args.validation_inference_steps, 0.0, "pil"))
+
+
+def sample_validation_grid(accelerator, unet, ema, noise_scheduler, args, step):
+    """The validation grid, saved to logs/samples and to the trackers that take images (TensorBoard, W&B), on rank 0."""
+    picture = draw_validation_grid(accelerator, unet, ema, noise_scheduler, args)
     if not accelerator.is_main_process:
         return None
-    picture = grid(images)
-    folder = os.path.join(args.output_dir, "logs", "samples")
-    os.makedirs(folder, exist_ok=True)
-    picture.save(os.path.join(folder, f"step-{step:07d}.png"))
+    path = validation_grid_path(args.output_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    picture.save(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             import numpy as np
@@ -454,6 +461,11 @@ def check_ranks_in_sync(accelerator, unet, ema) -> None:
     logger.info(f"weights and EMA identical on all {accelerator.num_processes} ranks", main_process_only=True)
 
 
+def hub_repo_id(args) -> str:
+    """The repo the model card names and --push_to_hub fills: --hub_model_id, else the output folder's name."""
+    return args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+
+
 def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record, sample_grid):
     """output_dir/: the EMA pipeline (raw weights as the `non_ema` variant), model card, samples."""
     model = accelerator.unwrap_model(unet)
@@ -470,7 +482,7 @@ def export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record
         sample_grid.save(os.path.join(args.output_dir, "samples.png"))
     with open(os.path.join(args.output_dir, "training_config.json"), "w") as f:
         json.dump(config_record, f, indent=2, sort_keys=True, default=str)
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = hub_repo_id(args)
     dataset = args.dataset_name or (None if args.train_data_dir else data.FASHION_MNIST_HUB)
     # the card's example samples as the grid beside it was drawn (sample_validation_grid: DDIM); at 50 steps
     # ancestral sampling (eta 1) is far worse
@@ -684,7 +696,7 @@ def train(args) -> int:
         export_pipeline(accelerator, unet, ema, noise_scheduler, args, config_record, sample_grid)
         logger.info(f"pipeline exported to {args.output_dir}")
         if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            repo_id = hub_repo_id(args)
             commit = export.push_folder(args.output_dir, repo_id, private=args.hub_private_repo, token=args.hub_token)
             logger.info(f"pushed to {repo_id}: {commit}")
     accelerator.wait_for_everyone()
