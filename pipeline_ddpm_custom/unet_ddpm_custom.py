@@ -18,10 +18,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call (torch.compiler.is_compiling, from torch 2.3; never before)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling is not None and is_compiling())
+# whether torch.compile is tracing the call (torch 2.3 on; before it, never): looked up once, not at every forward
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class SinusoidalPositionEmbeddings(nn.Module):
