@@ -157,7 +157,10 @@ def test_each_image_is_its_seed_whatever_the_batch_and_saves_alone(tmp_path):
 
 def test_the_demo_command_draws_the_bundled_models_card_pictures(tmp_path):
     """`make demo`'s command (the bundled model, DDIM 50, guidance 1.2 in t = 80-580, seed 0) draws exactly the
-    16 images of the bundled samples.png that the model card shows (training/bundle_model.py drew them)."""
+    16 images of the bundled samples.png that the model card shows (training/bundle_model.py drew them), up to
+    rounding: the card was drawn on an AVX-512 CPU, and oneDNN's AVX2 kernels sum in another order, which can move
+    a pixel by one gray level after 50 steps (one pixel of the 12,544 on an AVX2 EPYC). Another seed rule or
+    sampler changes every image by tens of gray levels."""
     import numpy as np
 
     from pipeline_ddpm_custom.cli import main
@@ -169,4 +172,7 @@ def test_the_demo_command_draws_the_bundled_models_card_pictures(tmp_path):
     for i in range(16):
         row, col = divmod(i, 8)
         tile = card[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28]
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / f"{i:05d}.png")), tile, err_msg=f"image {i}")
+        drawn = np.asarray(Image.open(tmp_path / "images" / f"{i:05d}.png")).astype(int)
+        difference = np.abs(drawn - tile.astype(int))
+        assert difference.max() <= 2 and (difference > 0).mean() <= 0.01, \
+            f"image {i}: {(difference > 0).sum()} pixels differ from the card's, by up to {difference.max()} gray levels"
