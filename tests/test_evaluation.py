@@ -1022,6 +1022,55 @@ def test_real_images_count_none_is_the_whole_split_in_its_order():
     assert labels.tolist() == read_idx(os.path.join(FASHION_MNIST_IDX, "t10k-labels-idx1-ubyte.gz")).tolist()
 
 
+def test_a_draw_of_real_images_is_decoded_once_and_handed_out_as_a_copy(monkeypatch):
+    """The benchmarks draw the same reference for every row: the second draw reads no dataset, gives the same
+    images and labels, and what a caller does to its copy does not reach the next caller."""
+    from training import evaluate
+
+    evaluate.drawn_real_images.cache_clear()
+    loads, load = [], evaluate.data.load_training_dataset
+    monkeypatch.setattr(evaluate.data, "load_training_dataset", lambda *args: loads.append(args) or load(*args))
+    first, first_labels = real_images("test", 50, 3, "cpu", label_column="label")
+    kept, kept_labels = first.clone(), first_labels.copy()
+    first.add_(1), first_labels.fill(-1)
+    again, again_labels = real_images("test", 50, 3, "cpu", label_column="label")
+    assert len(loads) == 1
+    assert torch.equal(again, kept) and np.array_equal(again_labels, kept_labels)
+    assert not torch.equal(real_images("test", 50, 4, "cpu"), kept) and len(loads) == 2  # another draw is its own
+
+
+def test_offline_features_are_remembered_in_memory_for_the_same_weights_and_batch(monkeypatch):
+    """Inside remembering(), a batch seen before under the same weights gets its features back without running the
+    network, in any instance of the process; outside it, or once the weights change, they are computed."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(FashionFeatureNet, "_remembered", OrderedDict())
+    net = FashionFeatureNet.from_pretrained(ROOT / FEATURES_DIR).eval()
+    calls = []
+    net.body.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        computed = net(images)
+    with net.remembering():
+        first, again, other = net(images), net(images), net(images[:2])
+    assert calls == [3, 3, 2]  # `again` came from memory
+    assert torch.equal(first, computed) and torch.equal(again, first)
+    assert torch.allclose(other, first[:2], atol=1e-5)
+    with torch.no_grad():
+        net(images)
+    assert calls == [3, 3, 2, 3]  # outside remembering(): computed
+    same_weights = FashionFeatureNet.from_pretrained(ROOT / FEATURES_DIR).eval()
+    same_weights.body.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    with same_weights.remembering():
+        assert torch.equal(same_weights(images), first)
+    assert calls == [3, 3, 2, 3]
+    with torch.no_grad():
+        net.body[0].bias.add_(0.5)
+    with net.remembering():
+        changed = net(images)
+    assert calls == [3, 3, 2, 3, 3] and not torch.allclose(changed, first)
+
+
 def test_class_balanced_draw_takes_the_same_number_of_each_class(tmp_path, capsys):
     """real_images(balanced_by="label"), floor_spread --balanced and evaluate --balanced-floor: every class equally
     often, checked by looking each drawn image up in the IDX files read directly (not through the datasets loader);

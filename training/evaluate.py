@@ -16,6 +16,7 @@ class-conditional model, uniformly cycling class labels.
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -139,6 +140,16 @@ def real_images(split: str, count: Optional[int], seed: int, device, dataset_nam
     order); with `balanced_by` (a label column), the same number of each class, as the samples (labels cycling
     through the classes) and Fashion-MNIST's test split have. With `label_column`: (images, their labels as a numpy
     array)."""
+    images, labels = drawn_real_images(split, count, seed, dataset_name, train_data_dir, image_column, balanced_by,
+                                       label_column)
+    images = torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)  # a copy: the memo stays as it was
+    return images if label_column is None else (images, labels.copy())
+
+
+@functools.lru_cache(maxsize=8)
+def drawn_real_images(split, count, seed, dataset_name, train_data_dir, image_column, balanced_by, label_column):
+    """real_images' draw as uint8 (N, H, W) and the labels (or None), decoded once per process: the benchmarks and
+    the tests draw the same 10,000-image reference for every row, seed or run, and decoding it takes seconds."""
     dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
     count = len(dataset) if count is None else count
     if balanced_by is not None:
@@ -149,10 +160,7 @@ def real_images(split: str, count: Optional[int], seed: int, device, dataset_nam
     else:
         order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
     images = np.stack([np.asarray(dataset[int(i)][image_column].convert("L"), dtype=np.uint8) for i in order])
-    images = torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)
-    if label_column is None:
-        return images
-    return images, np.asarray(dataset[label_column])[order]
+    return images, None if label_column is None else np.asarray(dataset[label_column])[order]
 
 
 def class_balanced_order(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -229,14 +237,14 @@ def feature_batch(extractor, images: torch.Tensor) -> int:
 
 def feed(metric_pair, images, real: bool, extractor, remember: bool = False, batch: Optional[int] = None):
     """`images` into both metrics as the real (reference) side or the generated one; `remember`: they are real
-    images that will come again (the reference in every run, a floor's subset), whose Inception features are then
-    kept on disk."""
+    images that will come again (the reference in every run, a floor's subset), whose features are then kept (by
+    Inception on disk, by the offline net in memory for the rest of the process)."""
     batch = batch or feature_batch(extractor, images)
     side = "reference" if real else "real, compared" if remember else "generated"
     # a bar only where features are slow: Inception takes about 10 images/s on two cores, the offline net thousands
     starts = tqdm(range(0, len(images), batch), desc=f"Inception features ({side})",
                   unit_scale=batch, leave=False, disable=not isinstance(extractor, InceptionFeatures))
-    with extractor.remembering() if remember and isinstance(extractor, InceptionFeatures) else contextlib.nullcontext():
+    with extractor.remembering() if remember and hasattr(extractor, "remembering") else contextlib.nullcontext():
         for start in starts:
             chunk = to_metric_input(images[start:start + batch], extractor)
             for metric in metric_pair:
