@@ -161,6 +161,16 @@ def memory_child(name, batch):
     print(memory_status_mb("VmHWM") - before)
 
 
+def default_precisions(device) -> list:
+    """Both, except on a CPU without fast bf16 (AVX2 only), where bf16 autocast runs about 12x slower than fp32 and
+    neither the training script nor the pipeline uses it: its rows would take most of the run and say nothing."""
+    if device == "cpu" and not cpu_has_fast_bf16():
+        print(f"This CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bf16: timing the fp32 rows only "
+              "(--precisions fp32 bf16 times both)", flush=True)
+        return ["fp32"]
+    return ["fp32", "bf16"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -171,6 +181,9 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="also time both models under torch.compile (inductor, with freezing) in the same run")
     parser.add_argument("--only", choices=["all", "memory"], default="all", help="memory: only the peak-memory rows")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
+                        help="which rows to time (default both, or fp32 alone on a CPU without fast bf16, where bf16 "
+                             "autocast is about 12x slower and neither training nor sampling uses it)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -178,6 +191,7 @@ def main():
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be at least 1 (got {args.repeats}): each row is the median of that many timed calls")
     device, repeats = args.device, args.repeats or (2 if args.quick else 5)
+    precisions = args.precisions or default_precisions(device)
     torch.backends.cudnn.benchmark = True
     models = make_models(device, channels_last=False)
     eager_names = list(models)
@@ -186,7 +200,7 @@ def main():
                "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if device == "cuda" else None,
                # the bf16 rows depend on it: without fast bf16 (AVX2-only CPUs) autocast is ~12x slower than fp32
                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_fast_bf16": cpu_has_fast_bf16(),
-               "params": {k: params(m) for k, m in models.items()}, "rows": []}
+               "params": {k: params(m) for k, m in models.items()}, "precisions": precisions, "rows": []}
     if args.only == "all":
         # the arithmetic of one image (training step) and one image-step (sampling), counted on the eager models
         # (a compiled twin does the same arithmetic), and the machine's ceiling for it in each precision
@@ -194,8 +208,8 @@ def main():
             name: {"train": flops_per_call(training_step_fn(model, device, 4, False)) / 4e9,
                    "sample": flops_per_call(inference_fn(model, device, 4, False, steps=1)[0]) / 4e9}
             for name, model in models.items()}
-        results["peak_gflops"] = {"fp32": dense_peak_gflops(device, torch.float32),
-                                  "bf16": dense_peak_gflops(device, torch.bfloat16)}
+        results["peak_gflops"] = {name: dense_peak_gflops(device, torch.float32 if name == "fp32" else torch.bfloat16)
+                                  for name in precisions}
         print(f"GFLOP per image: {results['gflop_per_image']}; dense peak GFLOP/s: {results['peak_gflops']}")
     if args.compile:
         models = add_compiled(models)
@@ -235,11 +249,11 @@ def main():
     infer_batches = [1, 16] if args.quick else [1, 16, 256]
     if args.only == "memory":
         train_batches, infer_batches = [], []
-    for bf16 in (False, True):
+    for bf16 in [precision == "bf16" for precision in precisions]:
         for batch in train_batches:
             compare(f"train {'bf16' if bf16 else 'fp32'} batch {batch}", lambda m: training_step_fn(m, device, batch, bf16),
                     "images/s", batch)
-    for bf16 in (False, True):
+    for bf16 in [precision == "bf16" for precision in precisions]:
         for batch in infer_batches:
             compare(f"sample {'bf16' if bf16 else 'fp32'} batch {batch}",
                     lambda m: inference_fn(m, device, batch, bf16)[0], "image-steps/s", batch * 5)
@@ -248,7 +262,7 @@ def main():
     for name, model in models.items() if args.only == "all" else ():
         pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler())
         pipe.set_progress_bar_config(disable=True)
-        for bf16 in (False, True):
+        for bf16 in [precision == "bf16" for precision in precisions]:
             def run():
                 with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                     pipe(batch_size=16, num_inference_steps=25, eta=0.0, output_type="np")

@@ -947,6 +947,20 @@ def test_benchmark_peak_memory_is_not_masked_by_the_parents_memory():
     assert 0.5 < beside_ballast / alone < 2, (alone, beside_ballast)
 
 
+def test_benchmark_times_bf16_only_where_the_cpu_runs_it_fast(monkeypatch, capsys):
+    """bench_unet.py's default rows: both precisions on a GPU and on a CPU with fast bf16; fp32 alone, saying so, on
+    an AVX2-only CPU, where a bf16 row would take most of the run and measure a path nothing here takes."""
+    import bench_unet
+
+    monkeypatch.setattr(bench_unet, "cpu_has_fast_bf16", lambda: True)
+    assert bench_unet.default_precisions("cpu") == ["fp32", "bf16"]
+    monkeypatch.setattr(bench_unet, "cpu_has_fast_bf16", lambda: False)
+    assert bench_unet.default_precisions("cuda") == ["fp32", "bf16"]
+    assert capsys.readouterr().out == ""
+    assert bench_unet.default_precisions("cpu") == ["fp32"]
+    assert "no fast bf16: timing the fp32 rows only" in capsys.readouterr().out
+
+
 def test_roofline_counts_the_arithmetic_and_the_benchmarked_models_do_equal_work():
     """benchmarks/roofline.py: FLOPs of a convolution match the textbook count, attention is counted whichever
     kernel runs, and the benchmark's two UNets do the same arithmetic (the table compares equal work)."""
