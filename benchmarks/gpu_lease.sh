@@ -49,7 +49,8 @@ curve)
         echo "usage: $0 curve STEPS.. -- ETAS..   (e.g. curve 1000 -- 1)" >&2; exit 2
     fi
     [ -d "$DATA" ] || { echo "$DATA/ is missing: run '$0 prepare' here and carry .fmnist and .whl" >&2; exit 2; }
-    if ! python3 -c "import diffusers, datasets" 2>/dev/null; then
+    # find_spec, not import: importing diffusers alone takes seconds, and this only asks whether it is there
+    if ! python3 -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('diffusers') and u.find_spec('datasets')))"; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     fi

@@ -30,10 +30,12 @@ def test_generate_writes_grid_and_gif(tmp_path):
     assert "5/5" in result.stderr  # the progress bar
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline_ddpm_custom", "generate", "--model", str(tmp_path / "nope")],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2 and result.stderr.startswith("error:")
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    from pipeline_ddpm_custom.cli import main  # in this process (offline, conftest): the command itself is run above
+
+    assert main(["generate", "--model", str(tmp_path / "nope")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and str(tmp_path / "nope") in error
 
 
 def test_generate_with_a_solver_draws_what_diffusers_draws(tmp_path, capsys):

@@ -1184,12 +1184,14 @@ def test_kid_of_the_same_images_is_the_same_whatever_ran_before():
 def test_gpu_lease_script_measures_the_rows_it_is_given_and_keeps_earlier_ones(tmp_path):
     """benchmarks/gpu_lease.sh `curve`, run here as a lease runs it but at 20 samples: a lease is 15 minutes, too
     short to find a broken script on."""
-    from training.data import FASHION_MNIST_IDX
+    from training.data import FASHION_MNIST_IDX, read_idx
 
-    test_split = tmp_path / "fmnist"  # only the test split, as `prepare` packs it
-    test_split.mkdir()
-    for idx in Path(FASHION_MNIST_IDX).glob("t10k-*"):
-        (test_split / idx.name).symlink_to(idx)
+    from .test_training import write_idx
+
+    test_split = tmp_path / "fmnist"  # only the test split, as `prepare` packs it; its first 200 images, as the
+    test_split.mkdir()  # reference's 10,000 would take most of the test to featurise in each call
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        write_idx(test_split / name, read_idx(os.path.join(FASHION_MNIST_IDX, name))[:200])
     results = tmp_path / "results" / "curve.json"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "LEASE_RESULTS": str(results), "LEASE_BUNDLE": str(tmp_path / "bundle"), "LEASE_NUM_SAMPLES": "20",
@@ -1204,6 +1206,7 @@ def test_gpu_lease_script_measures_the_rows_it_is_given_and_keeps_earlier_ones(t
     measured = json.loads((tmp_path / "call1" / "curve.json").read_text())
     assert [(r["steps"], r["eta"]) for r in measured["runs"]] == [(2, 0.0)]
     assert measured["setup"]["num_samples"] == 20 and measured["setup"]["model"] == str(tmp_path / "bundle")
+    assert measured["setup"]["reference"].endswith("(200 images)")  # the data it was given, not the machine's
     assert (tmp_path / "call1" / "fid_vs_steps_10k_ft15.png").stat().st_size > 0
 
     # the next call starts from the results copied back, as the script's header says, and measures only the new row
