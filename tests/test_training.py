@@ -260,22 +260,29 @@ def logged_losses(output_dir):
     return logged_scalars(output_dir, "train/loss")
 
 
-def test_logged_loss_is_the_mean_over_its_logging_window(tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A 4-step run with every default (a loss logged each step, tensorboard, EMA warm-up): the baseline that
+    several tests below compare a flag's run with, trained once (each run is a process importing diffusers)."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    run_training(out, "--max_train_steps", "4", "--logging_steps", "1")
+    return out
+
+
+def test_logged_loss_is_the_mean_over_its_logging_window(tmp_path, plain_run):
     """A loss logged every 4 steps is the mean of the 4 steps' losses (two runs with the same seed), not
     the last step's alone: the spike warning and the loss curves read these windows."""
-    run_training(tmp_path / "every", "--max_train_steps", "4", "--logging_steps", "1")
     run_training(tmp_path / "window", "--max_train_steps", "4", "--logging_steps", "4")
-    per_step, windowed = logged_losses(tmp_path / "every"), logged_losses(tmp_path / "window")
+    per_step, windowed = logged_losses(plain_run), logged_losses(tmp_path / "window")
     assert sorted(per_step) == [1, 2, 3, 4] and sorted(windowed) == [4]
     assert windowed[4] == pytest.approx(np.mean([per_step[s] for s in (1, 2, 3, 4)]), rel=1e-5)
     assert windowed[4] != pytest.approx(per_step[4], rel=1e-3)  # the steps differ enough to tell the two apart
 
 
-def test_report_to_none_logs_to_no_tracker_and_trains(tmp_path):
+def test_report_to_none_logs_to_no_tracker_and_trains(tmp_path, plain_run):
     run_training(tmp_path / "quiet", "--max_train_steps", "2", "--report_to", "none")
-    run_training(tmp_path / "default", "--max_train_steps", "2")
     assert not list((tmp_path / "quiet").rglob("events.out.tfevents.*"))
-    assert list((tmp_path / "default").rglob("events.out.tfevents.*"))  # tensorboard by default
+    assert list(plain_run.rglob("events.out.tfevents.*"))  # tensorboard by default
     assert (tmp_path / "quiet" / "model_index.json").is_file()
 
 
@@ -288,13 +295,12 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused_before_training(tm
     assert not any(tmp_path.iterdir())
 
 
-def test_constant_ema_decay_from_the_first_step(tmp_path):
+def test_constant_ema_decay_from_the_first_step(tmp_path, plain_run):
     """--ema_min_decay equal to --ema_max_decay turns the EMA warm-up off (fine-tuning keeps its starting weights);
     without it the decay warms up from 0, as diffusers' EMAModel does."""
     decay_args = ["--ema_min_decay", "0.95", "--ema_max_decay", "0.95"]
     run_training(tmp_path / "constant", "--max_train_steps", "3", *decay_args)
-    run_training(tmp_path / "warmup", "--max_train_steps", "3")
-    constant, warmup = (logged_scalars(tmp_path / run, "train/ema_decay") for run in ("constant", "warmup"))
+    constant, warmup = logged_scalars(tmp_path / "constant", "train/ema_decay"), logged_scalars(plain_run, "train/ema_decay")
     # diffusers' EMAModel copies the weights at the first step (decay 0) whatever the settings: one optimizer step from
     # the starting weights, so those are kept
     assert sorted(constant) == [1, 2, 3] and constant[1] == 0 and constant[2] == constant[3] == pytest.approx(0.95)
