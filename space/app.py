@@ -183,9 +183,17 @@ def build_demo(pipe) -> gr.Blocks:
 
     @gpu
     @_gr_error
-    def img2img(image, strength=0.5, steps=50, seed=0, class_label=None):
+    def img2img(image, strength=0.5, steps=50, seed=0, class_label=None, progress=gr.Progress()):
+        """Denoise a noised image; yields at every step (nothing shown until the end) so that Stop can close it."""
         label, _ = class_from_choice(class_label)  # no label: the null class, for an upload of unknown class
-        return inference.upscale(inference.image_to_image(pipe, image, strength, steps, seed, class_label=label))
+        request = inference.image_to_image_request(pipe, image, strength, steps, seed, class_label=label)
+        with contextlib.closing(inference.generate_stream(pipe, request, animate=False)) as updates:
+            for update in updates:
+                if "preview" in update:
+                    progress((update["step"], update["total"]), desc="denoising")
+                    yield gr.skip()
+                else:
+                    yield inference.upscale(update["images"])
 
     with gr.Blocks(title="DDPM: denoising diffusion, step by step") as demo:
         gr.Markdown(
@@ -268,9 +276,13 @@ def build_demo(pipe) -> gr.Blocks:
                     # class, the model that generates far better than the null class (labels.py)
                     i2i_class = gr.Dropdown(class_choices(pipe.unet.config.num_class_embeds, pipe.config.id2label)[1:], value=NULL_CLASS if conditional else None,
                                             label="Class of the image", visible=conditional, elem_id="i2i_class")
-                    i2i_button = gr.Button("Denoise", variant="primary", elem_id="i2i_run")
+                    with gr.Row():
+                        i2i_button = gr.Button("Denoise", variant="primary", elem_id="i2i_run")
+                        i2i_stop = gr.Button("Stop", variant="stop", elem_id="i2i_stop")
                 i2i_out = gr.Gallery(label="Result", columns=1, elem_id="i2i_gallery", format="png")
-            i2i_button.click(img2img, [prior, strength, i2i_steps, i2i_seed, i2i_class], i2i_out, api_name="image_to_image")
+            denoising = i2i_button.click(img2img, [prior, strength, i2i_steps, i2i_seed, i2i_class], i2i_out,
+                                         api_name="image_to_image")
+            i2i_stop.click(None, None, None, cancels=[denoising], api_visibility="private")
             if example_images:  # named "<class>-<name>.png": a class-conditional model gets the class with the image
                 gr.Examples([[p, 0.6, example_class(p, pipe.unet.config.num_class_embeds)] for p in example_images[:3]],
                             [prior, strength, i2i_class])

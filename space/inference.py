@@ -67,9 +67,13 @@ class GenerateRequest:
     null_class: bool = False  # the null class instead: the unconditional model, far weaker (labels.py)
     guidance_scale: float = 1.0
     guidance_interval: Optional[Tuple[int, int]] = None  # (lowest, highest) t guided; None: every step
+    image: Optional[Image.Image] = None  # image to image: every sample starts from this image noised to `strength`
+    strength: float = 1.0
 
     def check(self, pipe: DDPMCustomPipeline) -> None:
         T = pipe.scheduler.config.num_train_timesteps
+        if self.image is not None and not 0.0 <= float(self.strength) <= 1.0:
+            raise RequestError(f"Strength must be between 0 and 1; got {self.strength}.")
         if not 1 <= int(self.num_images) <= MAX_IMAGES:
             raise RequestError(f"Number of images must be between 1 and {MAX_IMAGES}; got {self.num_images}.")
         if self.sampler not in SAMPLERS:
@@ -109,12 +113,15 @@ def pipeline_for(pipe: DDPMCustomPipeline, sampler: str) -> DDPMCustomPipeline:
     return request_pipe
 
 
-def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_every: int = 1) -> Iterator[dict]:
+def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_every: int = 1,
+                    animate: bool = True) -> Iterator[dict]:
     """Yields {"step", "total", "preview"} while denoising (preview: grid of the current x0 prediction),
-    then {"images", "gif", "labels", "seeds"} at the end (labels: each image's class, None for the null class or an
-    unconditional model; seeds: each image's seed, request.seed + i). The pipeline runs in a worker thread; previews come through a queue. Closing the generator
-    early (Gradio does when the visitor presses Stop or leaves) interrupts the pipeline at its next step, so an
-    abandoned request stops taking the CPU that the queue has already given to the next one."""
+    then {"images", "gif", "labels", "seeds"} at the end (gif: a file, None unless `animate`; labels: each image's
+    class, None for the null class or an unconditional model; seeds: each image's seed, request.seed + i). With
+    request.image it is image to image, the same stream with the chain starting part-way up. The pipeline runs in a
+    worker thread; previews come through a queue. Closing the generator early (Gradio does when the visitor presses
+    Stop or leaves) interrupts the pipeline at its next step, so an abandoned request stops taking the CPU that the
+    queue has already given to the next one."""
     request.check(pipe)
     request_pipe = pipeline_for(pipe, request.sampler)
     eta = SAMPLERS[request.sampler][1] if request.eta is None else float(request.eta)
@@ -143,6 +150,7 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
                 generator=[torch.Generator().manual_seed(seed) for seed in seeds],
                 num_inference_steps=int(request.steps), eta=eta, class_labels=labels,
                 guidance_scale=float(request.guidance_scale), guidance_interval=request.guidance_interval,
+                **({} if request.image is None else {"image": request.image, "strength": float(request.strength)}),
                 callback_on_step_end=on_step,
                 callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"],
             ).images
@@ -161,8 +169,10 @@ def generate_stream(pipe: DDPMCustomPipeline, request: GenerateRequest, preview_
     thread.join()
     if "error" in result:
         raise result["error"]
-    gif = tempfile.NamedTemporaryFile(suffix=".gif", delete=False).name
-    recorder.save_gif(gif, fps=12)
+    gif = None
+    if animate:  # a file Gradio serves to the page; image to image shows none
+        gif = tempfile.NamedTemporaryFile(suffix=".gif", delete=False).name
+        recorder.save_gif(gif, fps=12)
     yield {"images": result["images"], "gif": gif, "labels": result["labels"], "seeds": result["seeds"]}
 
 
@@ -198,19 +208,18 @@ def forward_process(pipe: DDPMCustomPipeline, image, t: int, seed: int = 0):
     return enlarge(to_pil(x_t)[0], 224), snr
 
 
-def image_to_image(pipe: DDPMCustomPipeline, image, strength: float, steps: int, seed: int, sampler: str = "DDIM (deterministic)",
-                   class_label: Optional[int] = None) -> List[Image.Image]:
-    """The seed notes' sample(start_step, prior): noise the image to `strength` and denoise from there, towards
-    `class_label` for a class-conditional model (None: its null class, for an image whose class is unknown)."""
+def image_to_image_request(pipe: DDPMCustomPipeline, image, strength: float, steps: int, seed: int,
+                           sampler: str = "DDIM (deterministic)", class_label: Optional[int] = None) -> GenerateRequest:
+    """The seed notes' sample(start_step, prior) as a request for generate_stream (so it streams and stops as a
+    generation does): noise the image to `strength` and denoise from there, towards `class_label` for a
+    class-conditional model (None: its null class, for an image whose class is unknown)."""
     image = check_upload(image)
-    GenerateRequest(num_images=1, sampler=sampler, steps=steps, seed=seed, class_label=class_label).check(pipe)
-    if not 0.0 <= float(strength) <= 1.0:
-        raise RequestError(f"Strength must be between 0 and 1; got {strength}.")
-    request_pipe = pipeline_for(pipe, sampler)
     mode = "L" if pipe.unet.config.in_channels == 1 else "RGB"
-    return request_pipe(image=image.convert(mode), strength=float(strength), num_inference_steps=int(steps),
-                        eta=SAMPLERS[sampler][1], generator=torch.Generator().manual_seed(int(seed)),
-                        class_labels=None if class_label is None else int(class_label)).images
+    request = GenerateRequest(num_images=1, sampler=sampler, steps=steps, seed=seed, class_label=class_label,
+                              null_class=class_label is None and bool(pipe.unet.config.num_class_embeds),
+                              image=image.convert(mode), strength=strength)
+    request.check(pipe)
+    return request
 
 
 def upscale(images: List[Image.Image], size: int = 112) -> List[Image.Image]:

@@ -170,6 +170,21 @@ def test_a_cancelled_generation_stops_its_pipeline(slow_app):
     assert len(generate(client, num_images=2, steps=4)[1]) == 2 and len(calls) == 4
 
 
+def test_a_cancelled_image_to_image_stops_its_pipeline(slow_app):
+    """Image to image runs as a generation does: cancelled part-way (Stop, or the visitor leaving), its pipeline
+    stops within a step; the next request is served in full, with the strength's share of the steps."""
+    from gradio_client import Client, handle_file
+
+    url, calls = slow_app
+    example = handle_file(str(ROOT / "space" / "examples" / "2-pullover.png"))
+    calls.clear()
+    client = Client(url, verbose=False)
+    job = client.submit(example, 1.0, 50, 0, api_name="/image_to_image")
+    assert_stops_part_way(calls, job.cancel, within=20, most_steps=25)
+    calls.clear()
+    assert len(client.predict(example, 0.5, 8, 0, api_name="/image_to_image")) == 1 and len(calls) == 4
+
+
 def test_a_class_conditional_demo_draws_every_class_in_turn_by_default(tmp_path, conditional_app_url):
     """The class dropdown starts at every class in turn (the null class, what the pipeline samples without labels,
     is far weaker); the null class and one class are choices, and the demo's images are the pipeline's."""
@@ -407,6 +422,17 @@ def test_browser_stop_ends_a_generation(slow_app, browser):
     page.locator("#steps input[type=number]").press("Enter")
     page.locator("#generate").click()
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=60_000)
+
+    # the image-to-image tab's Stop ends its run the same way
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#i2i_source input[type=file]").set_input_files(str(ROOT / "space" / "examples" / "2-pullover.png"))
+    page.locator("#i2i_strength input[type=number]").fill("1")
+    page.locator("#i2i_strength input[type=number]").press("Enter")
+    calls.clear()
+    page.locator("#i2i_run").click()
+    assert_stops_part_way(calls, page.locator("#i2i_stop").click, within=20, most_steps=25)
+    assert page.locator("#i2i_gallery img").count() == 0
+    page.get_by_role("tab", name="Generate").click()
 
     # a visitor who leaves mid-generation: Gradio drops the run and closes its stream, and the pipeline stops too
     page.locator("#steps input[type=number]").fill("50")
