@@ -479,7 +479,7 @@ def test_push_to_hub_round_trip(tmp_path):
         assert "(2, 8, 8, 1)" in result.stdout
 
 
-def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path):
+def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path, capsys):
     """--pretrained_model starts from the saved EMA weights (a near-zero learning rate keeps them) and
     exports with the new prediction type but the pretrained scheduler's sampling settings; a different
     noise schedule is warned about; a model that does not fit the data is refused with what to change."""
@@ -503,12 +503,15 @@ def test_fine_tune_from_a_pipeline_switches_the_prediction_type(tmp_path):
                           "--beta_schedule", "squaredcos_cap_v2", "--rollout_hops", "2")  # rollouts: the loop runs them
     assert "trained with beta_schedule='linear'" in result.stderr and "--beta_schedule 'linear'" in result.stderr
 
-    cmd = [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "bad"), *TINY, "--resolution", "16", "--pretrained_model", str(base)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
-    assert result.returncode == 2 and "match --resolution" in result.stderr
-    cmd[cmd.index(str(base))] = str(tmp_path / "missing")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
-    assert result.returncode == 2 and "not a pipeline folder" in result.stderr
+    # refused before any data is read (so in this process, like the other argument errors)
+    capsys.readouterr()
+    argv = ["--output_dir", str(tmp_path / "bad"), *TINY, "--resolution", "16", "--pretrained_model", str(base)]
+    assert train_main(argv) == 2
+    assert "takes 8-pixel images, but --resolution is 16: match --resolution to it" in capsys.readouterr().err
+    argv[argv.index(str(base))] = str(tmp_path / "missing")
+    assert train_main(argv) == 2
+    assert "not a pipeline folder" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_in_training_sampling_batches_like_evaluate(monkeypatch):

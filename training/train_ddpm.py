@@ -235,6 +235,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                          f"with {len(sizes)} levels: pick from {sizes}.")
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoints.resolve_resume(args.resume_from_checkpoint, "")  # raises if it is not a checkpoint
+    if args.pretrained_model:  # before the data is read: a wrong path or size should not wait for it
+        pretrained = pretrained_unet_config(args.pretrained_model)
+        if pretrained.get("sample_size") != args.resolution:
+            raise ValueError(f"--pretrained_model {args.pretrained_model} takes {pretrained.get('sample_size')}-pixel images, "
+                             f"but --resolution is {args.resolution}: match --resolution to it.")
     return args
 
 
@@ -263,13 +268,10 @@ def pretrained_unet_config(source: str) -> dict:
 
 
 def load_pretrained_unet(source: str, resolution: int, channels: int, num_classes) -> DDPMCustomUNet:
-    """The UNet of a saved pipeline, in float32 whatever it was stored in (training needs fp32 master weights)."""
-    pretrained_unet_config(source)  # a clear error for a wrong path before diffusers' longer one
+    """The UNet of a saved pipeline, in float32 whatever it was stored in (training needs fp32 master weights).
+    validate_args has checked the path and the resolution; the images are converted to the model's channels."""
     unet = DDPMCustomUNet.from_pretrained(source, subfolder="unet", dtype=torch.float32)
     config = unet.config
-    if config.in_channels != channels or config.sample_size != resolution:
-        raise ValueError(f"--pretrained_model {source} takes {config.in_channels}x{config.sample_size}x{config.sample_size} "
-                         f"images, but the data is {channels}x{resolution}x{resolution}: match --resolution to it.")
     if config.num_class_embeds != num_classes:
         wanted = "pass --class_conditional" if config.num_class_embeds else "drop --class_conditional"
         raise ValueError(f"--pretrained_model {source} has num_class_embeds={config.num_class_embeds} but the data gives "
