@@ -1036,21 +1036,28 @@ def test_real_images_count_none_is_the_whole_split_in_its_order():
     assert labels.tolist() == read_idx(os.path.join(FASHION_MNIST_IDX, "t10k-labels-idx1-ubyte.gz")).tolist()
 
 
-def test_a_draw_of_real_images_is_decoded_once_and_handed_out_as_a_copy(monkeypatch):
-    """The benchmarks draw the same reference for every row: the second draw reads no dataset, gives the same
-    images and labels, and what a caller does to its copy does not reach the next caller."""
+def test_a_draw_of_real_images_is_decoded_once_and_handed_out_as_a_copy():
+    """The benchmarks draw the same reference for every row: the second draw decodes no images, gives the same
+    images and labels (with or without the labels), and what a caller does to its copy does not reach the next
+    caller."""
     from training import evaluate
+    from training.data import FASHION_MNIST_IDX, read_idx
 
-    evaluate.drawn_real_images.cache_clear()
-    loads, load = [], evaluate.data.load_training_dataset
-    monkeypatch.setattr(evaluate.data, "load_training_dataset", lambda *args: loads.append(args) or load(*args))
+    evaluate.drawn_real_images.cache_clear(), evaluate.split_labels.cache_clear()
+
+    def decoded():  # each miss of the memo decodes a draw's images
+        return evaluate.drawn_real_images.cache_info().misses
+
     first, first_labels = real_images("test", 50, 3, "cpu", label_column="label")
     kept, kept_labels = first.clone(), first_labels.copy()
     first.add_(1), first_labels.fill(-1)
     again, again_labels = real_images("test", 50, 3, "cpu", label_column="label")
-    assert len(loads) == 1
+    assert decoded() == 1
     assert torch.equal(again, kept) and np.array_equal(again_labels, kept_labels)
-    assert not torch.equal(real_images("test", 50, 4, "cpu"), kept) and len(loads) == 2  # another draw is its own
+    assert torch.equal(real_images("test", 50, 3, "cpu"), kept) and decoded() == 1  # the same draw without labels
+    order = evaluate.drawn_real_images("test", 50, 3, None, None, "image", None)[1]
+    assert np.array_equal(kept_labels, read_idx(os.path.join(FASHION_MNIST_IDX, "t10k-labels-idx1-ubyte.gz"))[order])
+    assert not torch.equal(real_images("test", 50, 4, "cpu"), kept) and decoded() == 2  # another draw is its own
 
 
 def test_offline_features_are_remembered_in_memory_for_the_same_weights_and_batch(monkeypatch):

@@ -140,27 +140,35 @@ def real_images(split: str, count: Optional[int], seed: int, device, dataset_nam
     order); with `balanced_by` (a label column), the same number of each class, as the samples (labels cycling
     through the classes) and Fashion-MNIST's test split have. With `label_column`: (images, their labels as a numpy
     array)."""
-    images, labels = drawn_real_images(split, count, seed, dataset_name, train_data_dir, image_column, balanced_by,
-                                       label_column)
+    images, order = drawn_real_images(split, count, seed, dataset_name, train_data_dir, image_column, balanced_by)
     images = torch.from_numpy(images).float().div(255).unsqueeze(1).to(device)  # a copy: the memo stays as it was
-    return images if label_column is None else (images, labels.copy())
+    if label_column is None:
+        return images
+    return images, split_labels(split, dataset_name, train_data_dir, label_column)[order]  # indexing copies too
 
 
 @functools.lru_cache(maxsize=8)
-def drawn_real_images(split, count, seed, dataset_name, train_data_dir, image_column, balanced_by, label_column):
-    """real_images' draw as uint8 (N, H, W) and the labels (or None), decoded once per process: the benchmarks and
-    the tests draw the same 10,000-image reference for every row, seed or run, and decoding it takes seconds."""
+def drawn_real_images(split, count, seed, dataset_name, train_data_dir, image_column, balanced_by):
+    """real_images' draw as uint8 (N, H, W) and the indices it took, decoded once per process whether or not the
+    caller wants labels too: the benchmarks and the tests draw the same 10,000-image reference for every row, seed or
+    run, and decoding it takes seconds."""
     dataset = data.load_training_dataset(dataset_name, train_data_dir, split)
     count = len(dataset) if count is None else count
     if balanced_by is not None:
         if balanced_by not in dataset.column_names:
             raise ValueError(f"A class-balanced draw needs the label column {balanced_by!r}, which {split} does not have "
                              f"(its columns: {dataset.column_names}); draw at random instead.")
-        order = class_balanced_order(np.asarray(dataset[balanced_by]), count, seed)
+        order = class_balanced_order(split_labels(split, dataset_name, train_data_dir, balanced_by), count, seed)
     else:
         order = np.random.default_rng(seed).permutation(len(dataset))[:count] if count < len(dataset) else np.arange(len(dataset))
     images = np.stack([np.asarray(dataset[int(i)][image_column].convert("L"), dtype=np.uint8) for i in order])
-    return images, None if label_column is None else np.asarray(dataset[label_column])[order]
+    return images, order
+
+
+@functools.lru_cache(maxsize=8)
+def split_labels(split, dataset_name, train_data_dir, label_column) -> np.ndarray:
+    """A split's whole label column (a column read, no images decoded), once per process."""
+    return np.asarray(data.load_training_dataset(dataset_name, train_data_dir, split)[label_column])
 
 
 def class_balanced_order(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
