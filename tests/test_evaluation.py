@@ -69,7 +69,7 @@ def test_evaluate_writes_fid_kid_floor_and_setup(tmp_path):
     import torch
 
     from pipeline_ddpm_custom import DDPMCustomUNet
-    from training.sample_batches import weights_digest
+    from training.digests import weights_digest
 
     run = results["runs"][0]
     assert run["weights_sha256"] == weights_digest(DDPMCustomUNet.from_pretrained(tmp_path / "model", subfolder="unet"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from training import sample_batches
-from training.sample_batches import SampleBatches, weights_digest
+from training.digests import weights_digest
+from training.sample_batches import SampleBatches
 
 from .conftest import tiny_unet
 

@@ -34,9 +34,10 @@ from pipeline_ddpm_custom.scheduling_ddpm_custom import TIMESTEP_SPACINGS
 from pipeline_ddpm_custom.solvers import SOLVERS, check_eta_applies, solver_from_config
 from training import data
 from training.atomic_files import write_atomically, write_json_atomically
+from training.digests import weights_digest
 from training.feature_net import FEATURES_DIR, FashionFeatureNet
 from training.inception import INSTALL_HINT, InceptionFeatures, allow_torch_fidelity_without_torchvision
-from training.sample_batches import SampleBatches, all_batches_folder, discard_all, weights_digest
+from training.sample_batches import SampleBatches, all_batches_folder, discard_all
 
 
 REFERENCE_IMAGES = 10_000  # every FID here is against the whole 10,000-image reference split (tests use fewer)

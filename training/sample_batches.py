@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.atomic_files import write_atomically, write_json_atomically
-from training.digests import weights_digest  # noqa: F401 (evaluate and the tests take it from here)
 
 
 class SampleBatches:
